@@ -1,0 +1,87 @@
+"""Builds the served application from Settings: storage, dashboard, applier, sweep, middleware."""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from optuna.storages import BaseStorage
+from optuna.storages import JournalStorage
+from optuna.storages import RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+from . import dashboard
+from .applier import Applier
+from .commands import CommandParser
+from .config import ConfigError
+from .config import Settings
+from .journal import ApiStore
+from .middleware import HitlMiddleware
+from .rdb import InstallError
+from .rdb import SqlStore
+from .sweep import Sweeper
+
+logger = logging.getLogger("hitl_pruner")
+
+
+def open_storage(settings: Settings) -> BaseStorage:
+    url = settings.url
+    if url is None:
+        return JournalStorage(JournalFileBackend(settings.storage_url))
+    engine_kwargs = {"connect_args": settings.connect_args()} if settings.cert_path else {}
+    try:
+        return RDBStorage(
+            url.render_as_string(hide_password=False),
+            engine_kwargs={"pool_pre_ping": True, **engine_kwargs},
+        )
+    except sa.exc.DBAPIError as exc:
+        first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(
+            f"cannot open the storage {settings.display_url}: {first_line}"
+        ) from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise ConfigError(f"cannot use the storage URL {settings.display_url}: {exc}") from None
+
+
+def create_app(settings: Settings) -> HitlMiddleware:
+    """The dashboard wrapped in our middleware; its sweep starts in the serving process."""
+    storage = open_storage(settings)
+    store: SqlStore | ApiStore
+    if isinstance(storage, RDBStorage):
+        store = SqlStore(storage)
+        try:
+            store.install()
+        except InstallError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        store = ApiStore(storage)
+        logger.warning(
+            "journal storage: RUNNING and WAITING trials can be ended, but finished trials "
+            "cannot be relabelled (Optuna's journal is append-only)"
+        )
+    dashboard_app = dashboard.create(storage, settings.artifact_dir)
+    applier = Applier(
+        store,
+        CommandParser(settings.prune_pattern, settings.fail_pattern),
+        retroactive=settings.retroactive,
+        dry_run=settings.dry_run,
+        studies=frozenset(settings.studies),
+        on_change=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
+    )
+    sweeper = Sweeper(applier, store, interval=settings.interval)
+    after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
+        storage, RDBStorage
+    ) else None
+    app = HitlMiddleware(
+        dashboard_app,
+        applier=applier,
+        store=store,
+        sweeper=sweeper,
+        after_fork=after_fork,
+    )
+    logger.info(
+        "serving %s%s%s", settings.display_url,
+        f", studies {', '.join(settings.studies)}" if settings.studies else "",
+        " (dry run)" if settings.dry_run else "",
+    )
+    return app

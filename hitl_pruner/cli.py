@@ -1,0 +1,174 @@
+"""`python -m hitl_pruner serve ...`: the dashboard with human PRUNE/FAIL, on gunicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from typing import Any
+from typing import Sequence
+
+from .config import ConfigError
+from .config import Settings
+from .config import resolve
+from .logs import setup_logging
+
+logger = logging.getLogger("hitl_pruner")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hitl_pruner",
+        description="optuna-dashboard with human-in-the-loop PRUNE/FAIL notes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve the dashboard and apply PRUNE/FAIL notes",
+        description="Serve optuna-dashboard; a note saying PRUNE or FAIL ends its trial. Every "
+        "option can also come from a HITL_* environment variable or --from-config FILE.toml "
+        "(command line > environment > file > default).",
+    )
+    _add_settings_arguments(serve)
+    serve.add_argument(
+        "--demo", action="store_true", default=None,
+        help="create a demo study with running trials and keep a demo worker going",
+    )
+    uninstall = sub.add_parser(
+        "uninstall", help="remove hitl-pruner's tables and triggers from a database"
+    )
+    uninstall.add_argument("storage_url", nargs="?", metavar="STORAGE_URL")
+    uninstall.add_argument("--from-config", metavar="FILE.toml")
+    return parser
+
+
+def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so that "not given" falls through to the environment and the file.
+    p.add_argument("storage_url", nargs="?", metavar="STORAGE_URL",
+                   help="e.g. sqlite:///optuna.db, postgresql://user@host/db, or a journal file")
+    db = p.add_argument_group("Database connection")
+    db.add_argument("--db-url", help="database URL for Optuna storage (same as STORAGE_URL)")
+    db.add_argument("--db-host", help="database hostname (default: localhost)")
+    db.add_argument("--db-port", type=int, help="database port (default: 5432 / 3306)")
+    db.add_argument("--db-name", help="database name, or SQLite file stem (default: optuna)")
+    db.add_argument("--db-user", help="database username (default: optuna)")
+    db.add_argument("--db-password", help="database password (prefer HITL_DB_PASSWORD or a file)")
+    db.add_argument("--db-password-file", help="read the password from this file's first line")
+    db.add_argument("--db-type", choices=["postgresql", "mysql", "sqlite"],
+                    help="database type (default: sqlite)")
+    db.add_argument("--cert-path", help="CA certificate file for TLS to the database")
+    db.add_argument("--use-cert", action="store_true", default=None,
+                    help="use --cert-path and verify the server (overrides --no-cert)")
+    db.add_argument("--no-cert", action="store_true", default=None,
+                    help="no certificate, not even ./cert/ca.pem found by default detection")
+    mon = p.add_argument_group("Monitor configuration")
+    mon.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    mon.add_argument("--port", type=int, help="port to listen on (default: 8080)")
+    mon.add_argument("--study", nargs="*", help="only these studies (default: all)")
+    mon.add_argument("--interval", type=float, help="seconds between sweeps (default: 10)")
+    mon.add_argument("--prune-pattern", help=r"regex of a PRUNE command (default: \bPRUNE\b)")
+    mon.add_argument("--fail-pattern", help=r"regex of a FAIL command (default: \bFAIL\b)")
+    mon.add_argument("--dry-run", action="store_true", default=None,
+                     help="log what would change, change nothing")
+    scope = mon.add_mutually_exclusive_group()
+    scope.add_argument("--all-trials", action="store_true", default=None,
+                       help="also relabel COMPLETE trials (the default)")
+    scope.add_argument("--active-only", action="store_true", default=None,
+                       help="only end RUNNING/WAITING trials; never relabel finished ones")
+    mon.add_argument("--verbose", action="store_true", default=None, help="debug logging")
+    mon.add_argument("--artifact-dir", help="directory of the dashboard's artifact store")
+    mon.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    br = p.add_argument_group("Browser launch options")
+    br.add_argument("--browser-path", help="open the dashboard in this browser executable")
+
+
+SETTINGS_KEYS = (
+    "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
+    "cert_path use_cert no_cert host port study interval prune_pattern fail_pattern dry_run "
+    "all_trials active_only verbose artifact_dir from_config browser_path"
+).split()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli = {k: getattr(args, k, None) for k in SETTINGS_KEYS}
+    if cli.get("study") == []:
+        parser.error("--study needs at least one study name")
+    try:
+        settings = resolve(cli)
+        setup_logging(settings.verbose)
+        if args.command == "uninstall":
+            return _uninstall(settings)
+        return _serve(settings, demo=bool(args.demo))
+    except ConfigError as exc:
+        print(f"hitl-pruner: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _uninstall(settings: Settings) -> int:
+    from optuna.storages import RDBStorage
+
+    from .app import open_storage
+    from .rdb import SqlStore
+
+    storage = open_storage(settings)
+    if not isinstance(storage, RDBStorage):
+        raise ConfigError("only RDB storages have hitl-pruner tables to remove")
+    SqlStore(storage).uninstall()
+    print(f"removed hitl-pruner's tables and triggers from {settings.display_url}")
+    return 0
+
+
+def _serve(settings: Settings, *, demo: bool) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from . import gunicorn_hooks
+    from .app import create_app
+
+    demo_worker = None
+    if demo:
+        from . import demo as demo_module
+
+        demo_module.seed(settings.url.render_as_string(hide_password=False)
+                         if settings.url else settings.storage_url)
+        demo_worker = subprocess.Popen(
+            [sys.executable, "-m", "hitl_pruner.demo", settings.storage_url]
+        )
+    app = create_app(settings)
+    url = f"http://{settings.host}:{settings.port}/dashboard"
+
+    def when_ready(server: Any) -> None:
+        logger.info("dashboard at %s", url)
+        if settings.browser_path:
+            try:
+                subprocess.Popen([settings.browser_path, url])
+            except OSError as exc:
+                logger.error("cannot start --browser-path %s: %s", settings.browser_path, exc)
+
+    options = {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": 4,
+        "post_worker_init": gunicorn_hooks.post_worker_init,
+        "worker_exit": gunicorn_hooks.worker_exit,
+        "when_ready": when_ready,
+        "loglevel": "debug" if settings.verbose else "info",
+    }
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return app
+
+    try:
+        Server().run()
+    finally:
+        if demo_worker is not None:
+            demo_worker.terminate()
+    return 0

@@ -1,0 +1,71 @@
+"""Finding a PRUNE or FAIL command in a trial's note."""
+
+from __future__ import annotations
+
+import enum
+import re
+
+from optuna.trial import TrialState
+
+# Whole upper-case words only: "does not fail", "pruned layers" and "Failure analysis"
+# are ordinary prose and must not end a trial.
+DEFAULT_PRUNE_PATTERN = r"\bPRUNE\b"
+DEFAULT_FAIL_PATTERN = r"\bFAIL\b"
+
+
+class Command(enum.Enum):
+    PRUNE = "PRUNE"
+    FAIL = "FAIL"
+
+    @property
+    def target(self) -> TrialState:
+        return TrialState.PRUNED if self is Command.PRUNE else TrialState.FAIL
+
+
+class PatternError(ValueError):
+    """A user-supplied pattern is not a valid regular expression."""
+
+
+def compile_pattern(pattern: str, flag: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise PatternError(
+            f"{flag} {pattern!r} is not a valid regular expression ({exc}); "
+            f"give a Python regular expression such as {DEFAULT_PRUNE_PATTERN!r}"
+        ) from None
+
+
+class CommandParser:
+    """Turns a note's text into the command it carries, if any.
+
+    When both patterns match, the command whose last match ends furthest down the note wins:
+    a human who wrote ``PRUNE`` and later appended ``FAIL`` meant FAIL. Equal positions (a
+    pattern pair that matches the same text) resolve to FAIL, the stronger verdict.
+    """
+
+    def __init__(
+        self,
+        prune_pattern: str = DEFAULT_PRUNE_PATTERN,
+        fail_pattern: str = DEFAULT_FAIL_PATTERN,
+    ) -> None:
+        self._prune = compile_pattern(prune_pattern, "--prune-pattern")
+        self._fail = compile_pattern(fail_pattern, "--fail-pattern")
+
+    def parse(self, note: str) -> Command | None:
+        prune_end = _last_match_end(self._prune, note)
+        fail_end = _last_match_end(self._fail, note)
+        if prune_end is None and fail_end is None:
+            return None
+        if fail_end is None:
+            return Command.PRUNE
+        if prune_end is None or fail_end >= prune_end:
+            return Command.FAIL
+        return Command.PRUNE
+
+
+def _last_match_end(pattern: re.Pattern[str], text: str) -> int | None:
+    end = None
+    for match in pattern.finditer(text):
+        end = match.end()
+    return end

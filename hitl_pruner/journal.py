@@ -1,0 +1,151 @@
+"""The store for Optuna's journal storages, through Optuna's own API.
+
+A journal is append-only and Optuna refuses to change a finished trial there, so retroactive
+relabels are refused; RUNNING and WAITING trials can still be ended. With no table to hang a
+trigger on, the sweep compares every note with what it saw last: a cost that grows with the
+number of notes, which a journal's in-memory replay already pays.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+from typing import Iterable
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
+
+from .audit import AuditEntry
+from .dashboard import note_str_key_prefix
+from .dashboard import note_ver_key
+from .store import NOTE_KEY
+from .store import Change
+from .store import LostRace
+from .store import Note
+from .store import TrialRef
+from .transitions import LastChange
+
+AUDIT_PREFIX = "hitl:audit:"
+
+
+class ApiStore:
+    retroactive_supported = False
+
+    def __init__(self, storage: BaseStorage) -> None:
+        self._storage = storage
+        self._seen: dict[tuple[int, int], Note] = {}
+        self._offered: dict[int, tuple[tuple[int, int], Note]] = {}
+        self._ids = itertools.count(1)
+
+    def install(self) -> None:
+        pass
+
+    def trials(self, trial_ids: Iterable[int]) -> dict[int, TrialRef]:
+        found = {}
+        studies = self._storage.get_all_studies()
+        for trial_id in set(trial_ids):
+            try:
+                trial = self._storage.get_trial(trial_id)
+            except KeyError:
+                continue
+            for study in studies:
+                try:
+                    same = self._storage.get_trial_id_from_study_id_trial_number(
+                        study._study_id, trial.number
+                    )
+                except KeyError:
+                    continue
+                if same == trial_id:
+                    found[trial_id] = TrialRef(
+                        trial_id, study._study_id, study.study_name, trial.number, trial.state
+                    )
+                    break
+        return found
+
+    def last_changes(self, trial_ids: Iterable[int]) -> dict[int, LastChange]:
+        return {}  # a journal is never relabelled, so there is nothing to undo
+
+    def transition(self, entry: AuditEntry) -> None:
+        try:
+            self._storage.set_trial_state_values(entry.trial_id, entry.to_state)
+        except UpdateFinishedTrialError:
+            raise LostRace() from None
+        stamp = entry.at.strftime("%Y%m%dT%H%M%S%f")
+        self._storage.set_study_system_attr(
+            entry.study_id, f"{AUDIT_PREFIX}{stamp}:{entry.trial_id}", entry.to_json()
+        )
+
+    def notes(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, Note]:
+        attrs = self._storage.get_study_system_attrs(study_id)
+        return {tid: note for tid in trial_ids if (note := _note(attrs, tid)) is not None}
+
+    def study_ids(self, names: Iterable[str]) -> set[int]:
+        wanted = set(names)
+        return {s._study_id for s in self._storage.get_all_studies() if s.study_name in wanted}
+
+    def pending(self, study_ids: set[int] | None, limit: int) -> list[Change]:
+        changes: list[Change] = []
+        self._offered.clear()
+        for study in self._storage.get_all_studies():
+            if study_ids is not None and study._study_id not in study_ids:
+                continue
+            attrs = self._storage.get_study_system_attrs(study._study_id)
+            for key in attrs:
+                match = NOTE_KEY.match(key)
+                if match is None or not key.endswith(":note_ver"):
+                    continue
+                trial_id = int(match.group(1))
+                note = _note(attrs, trial_id)
+                seen_key = (study._study_id, trial_id)
+                if note is None or self._seen.get(seen_key) == note:
+                    continue
+                change = Change(next(self._ids), study._study_id, trial_id)
+                self._offered[change.id] = (seen_key, note)
+                changes.append(change)
+                if len(changes) >= limit:
+                    return changes
+        return changes
+
+    def ack(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            offered = self._offered.pop(change.id, None)
+            if offered is not None:
+                self._seen[offered[0]] = offered[1]
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]:
+        entries = []
+        for study in self._storage.get_all_studies():
+            attrs = self._storage.get_study_system_attrs(study._study_id)
+            entries += [_entry(v) for k, v in attrs.items() if k.startswith(AUDIT_PREFIX)]
+        entries.sort(key=lambda e: e.at, reverse=True)
+        return entries[:limit]
+
+
+def _note(attrs: dict[str, object], trial_id: int) -> Note | None:
+    version = attrs.get(note_ver_key(trial_id))
+    if version is None:
+        return None
+    prefix = note_str_key_prefix(trial_id)
+    count = sum(1 for k in attrs if k.startswith(prefix))
+    return Note(int(version), "".join(str(attrs[f"{prefix}{i}"]) for i in range(count)))
+
+
+def _entry(data: object) -> AuditEntry:
+    d = data if isinstance(data, dict) else json.loads(str(data))
+    return AuditEntry(
+        id=None,
+        at=datetime.datetime.fromisoformat(d["time"]),
+        study_id=d["study_id"],
+        study_name=d["study_name"],
+        trial_id=d["trial_id"],
+        trial_number=d["trial_number"],
+        from_state=TrialState[d["from"]],
+        to_state=TrialState[d["to"]],
+        note_version=d["note_version"],
+        user=d["user"],
+        source=d["source"],
+        retroactive=d["retroactive"],
+        undo=d["undo"],
+    )

@@ -1,0 +1,368 @@
+"""The store for Optuna's RDB storages (SQLite, PostgreSQL, MySQL/MariaDB).
+
+Optuna's storage API refuses to touch a finished trial, so state changes are written to the
+``trials`` table directly, as a compare-and-set on the state we read, in the same transaction
+as the audit row: two servers acting at once change a trial once, and every change has its
+record.
+
+Notes are found through a change queue: a trigger on ``study_system_attributes`` adds a row to
+``hitl_note_changes`` for every write of a note key, whoever writes it (the dashboard, a script
+calling ``optuna_dashboard.save_note``, another server). The sweep reads the queue, applies the
+current notes, and deletes the rows it handled, so its cost follows what changed, not the size
+of the study, and a row that commits late is still seen by the next sweep.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from typing import Iterable
+
+import sqlalchemy as sa
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
+
+from .audit import AuditEntry
+from .dashboard import note_str_key_prefix
+from .dashboard import note_ver_key
+from .store import NOTE_KEY
+from .store import Change
+from .store import LostRace
+from .store import Note
+from .store import TrialRef
+from .transitions import LastChange
+
+logger = logging.getLogger(__name__)
+
+trials_t: sa.Table = models.TrialModel.__table__  # type: ignore[assignment]
+studies_t: sa.Table = models.StudyModel.__table__  # type: ignore[assignment]
+attrs_t: sa.Table = models.StudySystemAttributeModel.__table__  # type: ignore[assignment]
+
+metadata = sa.MetaData()
+audit_t = sa.Table(
+    "hitl_audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("study_id", sa.Integer, nullable=False),
+    sa.Column("study_name", sa.String(512), nullable=False),
+    sa.Column("trial_id", sa.Integer, nullable=False, index=True),
+    sa.Column("trial_number", sa.Integer, nullable=False),
+    sa.Column("from_state", sa.String(16), nullable=False),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("note_version", sa.Integer),
+    sa.Column("user_name", sa.String(256)),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("retroactive", sa.Boolean, nullable=False),
+    sa.Column("is_undo", sa.Boolean, nullable=False),
+)
+changes_t = sa.Table(
+    "hitl_note_changes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_id", sa.Integer, nullable=False, index=True),
+    sa.Column("attr_key", sa.String(512), nullable=False),
+)
+meta_t = sa.Table(
+    "hitl_meta",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+TRIGGER = "hitl_note_changed"
+# A LIKE pattern for trial note keys; it does not match the study's own note ("dashboard:note_*").
+NOTE_LIKE = "dashboard:%:note_%"
+# Most notes fit in a few chunks of 2045 characters; longer ones take another round trip.
+CHUNKS_PER_QUERY = 8
+
+
+class InstallError(RuntimeError):
+    """The database refused what hitl-pruner needs (tables, triggers)."""
+
+
+def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
+    """(trigger name, statements creating it) per dialect."""
+    insert = (
+        "INSERT INTO hitl_note_changes (study_id, attr_key) VALUES (NEW.study_id, NEW.{key})"
+    )
+    if dialect == "sqlite":
+        return [
+            (
+                f"{TRIGGER}_{event.lower()}",
+                [
+                    f"CREATE TRIGGER IF NOT EXISTS {TRIGGER}_{event.lower()} AFTER {event} "
+                    f"ON study_system_attributes WHEN NEW.key LIKE '{NOTE_LIKE}' "
+                    f"BEGIN {insert.format(key='key')}; END"
+                ],
+            )
+            for event in ("INSERT", "UPDATE")
+        ]
+    if dialect == "postgresql":
+        return [
+            (
+                TRIGGER,
+                [
+                    f"CREATE OR REPLACE FUNCTION {TRIGGER}() RETURNS trigger AS $$ "
+                    f"BEGIN {insert.format(key='key')}; RETURN NULL; END $$ LANGUAGE plpgsql",
+                    f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE ON study_system_attributes "
+                    f"FOR EACH ROW WHEN (NEW.key LIKE '{NOTE_LIKE}') "
+                    f"EXECUTE PROCEDURE {TRIGGER}()",
+                ],
+            )
+        ]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            (
+                f"{TRIGGER}_{event.lower()}",
+                [
+                    f"CREATE TRIGGER {TRIGGER}_{event.lower()} AFTER {event} "
+                    "ON study_system_attributes FOR EACH ROW "
+                    f"BEGIN IF NEW.`key` LIKE '{NOTE_LIKE}' THEN {insert.format(key='`key`')}; "
+                    "END IF; END"
+                ],
+            )
+            for event in ("INSERT", "UPDATE")
+        ]
+    raise InstallError(f"unsupported database dialect {dialect!r}")
+
+
+def _trigger_exists(conn: sa.Connection, name: str) -> bool:
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = :n"
+    elif dialect == "postgresql":
+        sql = "SELECT 1 FROM pg_trigger WHERE tgname = :n AND NOT tgisinternal"
+    else:
+        sql = (
+            "SELECT 1 FROM information_schema.TRIGGERS "
+            "WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME = :n"
+        )
+    return conn.execute(sa.text(sql), {"n": name}).first() is not None
+
+
+def _utcnow() -> datetime.datetime:
+    # Optuna's RDB storage keeps naive UTC datetimes; ours follow it.
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class SqlStore:
+    retroactive_supported = True
+
+    def __init__(self, storage: RDBStorage) -> None:
+        self._engine: sa.Engine = storage.engine
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
+    def install(self) -> None:
+        """Create our tables and triggers if missing. Safe to run from several processes."""
+        try:
+            for attempt in range(3):
+                try:
+                    metadata.create_all(self._engine, checkfirst=True)
+                    self._install_triggers()
+                    self._bootstrap()
+                    return
+                except (sa.exc.OperationalError, sa.exc.ProgrammingError,
+                        sa.exc.IntegrityError) as exc:
+                    # Another process may be installing at the same moment: look again.
+                    if attempt == 2:
+                        raise
+                    logger.debug("install raced another process (%s); retrying", exc)
+        except sa.exc.DBAPIError as exc:
+            raise InstallError(
+                "hitl-pruner could not create its tables and triggers "
+                f"(hitl_audit, hitl_note_changes, {TRIGGER}*): {exc.orig}. The database user "
+                "needs CREATE and TRIGGER privileges on the Optuna database (MySQL with binary "
+                "logging also needs log_bin_trust_function_creators=1)."
+            ) from None
+
+    def _install_triggers(self) -> None:
+        with self._engine.begin() as conn:
+            for name, statements in _trigger_ddl(conn.dialect.name):
+                if _trigger_exists(conn, name):
+                    continue
+                for statement in statements:
+                    conn.exec_driver_sql(statement)
+
+    def _bootstrap(self) -> None:
+        """Queue every note written before the triggers existed, once per database."""
+        with self._engine.begin() as conn:
+            if conn.execute(sa.select(meta_t.c.value).where(meta_t.c.name == "bootstrapped")).first():
+                return
+            conn.execute(sa.insert(meta_t).values(name="bootstrapped", value=_utcnow().isoformat()))
+            conn.execute(
+                sa.insert(changes_t).from_select(
+                    ["study_id", "attr_key"],
+                    sa.select(attrs_t.c.study_id, attrs_t.c.key).where(
+                        attrs_t.c.key.like("dashboard:%:note_ver")
+                    ),
+                )
+            )
+
+    def uninstall(self) -> None:
+        with self._engine.begin() as conn:
+            dialect = conn.dialect.name
+            for name, _ in _trigger_ddl(dialect):
+                on = " ON study_system_attributes" if dialect == "postgresql" else ""
+                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
+            if dialect == "postgresql":
+                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {TRIGGER}()")
+        metadata.drop_all(self._engine, checkfirst=True)
+
+    def trials(self, trial_ids: Iterable[int]) -> dict[int, TrialRef]:
+        ids = sorted(set(trial_ids))
+        if not ids:
+            return {}
+        query = (
+            sa.select(
+                trials_t.c.trial_id,
+                trials_t.c.study_id,
+                studies_t.c.study_name,
+                trials_t.c.number,
+                trials_t.c.state,
+            )
+            .join(studies_t, studies_t.c.study_id == trials_t.c.study_id)
+            .where(trials_t.c.trial_id.in_(ids))
+        )
+        with self._engine.connect() as conn:
+            return {row.trial_id: TrialRef(*row) for row in conn.execute(query)}
+
+    def last_changes(self, trial_ids: Iterable[int]) -> dict[int, LastChange]:
+        ids = sorted(set(trial_ids))
+        if not ids:
+            return {}
+        newest = (
+            sa.select(sa.func.max(audit_t.c.id))
+            .where(audit_t.c.trial_id.in_(ids))
+            .group_by(audit_t.c.trial_id)
+        )
+        query = sa.select(audit_t.c.trial_id, audit_t.c.to_state, audit_t.c.retroactive).where(
+            audit_t.c.id.in_(newest)
+        )
+        with self._engine.connect() as conn:
+            return {
+                row.trial_id: LastChange(TrialState[row.to_state], bool(row.retroactive))
+                for row in conn.execute(query)
+            }
+
+    def transition(self, entry: AuditEntry) -> None:
+        values: dict[str, object] = {"state": entry.to_state}
+        if entry.from_state in (TrialState.RUNNING, TrialState.WAITING):
+            values["datetime_complete"] = _utcnow()
+            if entry.from_state == TrialState.WAITING:
+                values["datetime_start"] = values["datetime_complete"]
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                sa.update(trials_t)
+                .where(trials_t.c.trial_id == entry.trial_id)
+                .where(trials_t.c.state == entry.from_state)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise LostRace()
+            conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
+
+    def notes(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, Note]:
+        remaining = sorted(set(trial_ids))
+        versions: dict[int, int] = {}
+        chunks: dict[int, dict[int, str]] = {tid: {} for tid in remaining}
+        first = 0
+        with self._engine.connect() as conn:
+            while remaining:
+                keys = [
+                    f"{note_str_key_prefix(tid)}{i}"
+                    for tid in remaining
+                    for i in range(first, first + CHUNKS_PER_QUERY)
+                ]
+                if first == 0:
+                    keys += [note_ver_key(tid) for tid in remaining]
+                rows = conn.execute(
+                    sa.select(attrs_t.c.key, attrs_t.c.value_json)
+                    .where(attrs_t.c.study_id == study_id)
+                    .where(attrs_t.c.key.in_(keys))
+                )
+                for key, value_json in rows:
+                    tid = int(key.split(":", 2)[1])
+                    if key.endswith(":note_ver"):
+                        versions[tid] = int(json.loads(value_json))
+                    else:
+                        chunks[tid][int(key.rsplit(":", 1)[1])] = json.loads(value_json)
+                first += CHUNKS_PER_QUERY
+                remaining = [tid for tid in remaining if len(chunks[tid]) == first]
+        return {
+            tid: Note(version, "".join(chunks[tid][i] for i in range(len(chunks[tid]))))
+            for tid, version in versions.items()
+        }
+
+    def study_ids(self, names: Iterable[str]) -> set[int]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(studies_t.c.study_id).where(studies_t.c.study_name.in_(list(names)))
+            )
+            return {row.study_id for row in rows}
+
+    def pending(self, study_ids: set[int] | None, limit: int) -> list[Change]:
+        query = sa.select(changes_t).order_by(changes_t.c.id).limit(limit)
+        if study_ids is not None:
+            if not study_ids:
+                return []
+            query = query.where(changes_t.c.study_id.in_(sorted(study_ids)))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        changes = []
+        for row in rows:
+            match = NOTE_KEY.match(row.attr_key)
+            # A key the trigger's LIKE let through but that is no trial note: drop it with the rest.
+            changes.append(Change(row.id, row.study_id, int(match.group(1)) if match else -1))
+        return changes
+
+    def ack(self, changes: Iterable[Change]) -> None:
+        ids = [c.id for c in changes]
+        with self._engine.begin() as conn:
+            for start in range(0, len(ids), 500):
+                conn.execute(sa.delete(changes_t).where(changes_t.c.id.in_(ids[start : start + 500])))
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]:
+        query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [_audit_entry(row) for row in conn.execute(query)]
+
+
+def _audit_row(entry: AuditEntry) -> dict[str, object]:
+    return {
+        "created_at": entry.at.astimezone(datetime.timezone.utc).replace(tzinfo=None),
+        "study_id": entry.study_id,
+        "study_name": entry.study_name,
+        "trial_id": entry.trial_id,
+        "trial_number": entry.trial_number,
+        "from_state": entry.from_state.name,
+        "to_state": entry.to_state.name,
+        "note_version": entry.note_version,
+        "user_name": entry.user,
+        "source": entry.source,
+        "retroactive": entry.retroactive,
+        "is_undo": entry.undo,
+    }
+
+
+def _audit_entry(row: sa.Row) -> AuditEntry:
+    return AuditEntry(
+        id=row.id,
+        at=row.created_at.replace(tzinfo=datetime.timezone.utc),
+        study_id=row.study_id,
+        study_name=row.study_name,
+        trial_id=row.trial_id,
+        trial_number=row.trial_number,
+        from_state=TrialState[row.from_state],
+        to_state=TrialState[row.to_state],
+        note_version=row.note_version,
+        user=row.user_name,
+        source=row.source,
+        retroactive=bool(row.retroactive),
+        undo=bool(row.is_undo),
+    )

@@ -1,0 +1,68 @@
+"""What the applier and the sweep need from a storage, whatever its kind."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable
+from typing import Protocol
+
+from optuna.trial import TrialState
+from .audit import AuditEntry
+from .transitions import LastChange
+
+# optuna-dashboard keeps a trial's note in study system attrs named
+# "dashboard:<trial_id>:note_ver" and "dashboard:<trial_id>:note_str:<i>" (see _note.py).
+NOTE_KEY = re.compile(r"^dashboard:(\d+):note_(?:ver|str:\d+)$")
+
+@dataclasses.dataclass(frozen=True)
+class TrialRef:
+    trial_id: int
+    study_id: int
+    study_name: str
+    number: int
+    state: TrialState
+
+
+@dataclasses.dataclass(frozen=True)
+class Note:
+    version: int
+    body: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """A note that was written since the sweep last looked."""
+
+    id: int
+    study_id: int
+    trial_id: int
+
+
+class LostRace(Exception):
+    """The trial's state changed between our read and our write: nothing was written."""
+
+
+class Store(Protocol):
+    retroactive_supported: bool
+
+    def trials(self, trial_ids: Iterable[int]) -> dict[int, TrialRef]: ...
+
+    def last_changes(self, trial_ids: Iterable[int]) -> dict[int, LastChange]: ...
+
+    def transition(self, entry: AuditEntry) -> None:
+        """Move the trial from entry.from_state to entry.to_state and record it, atomically.
+
+        Raises LostRace when the trial is no longer in entry.from_state.
+        """
+        ...
+
+    def notes(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, Note]: ...
+
+    def study_ids(self, names: Iterable[str]) -> set[int]: ...
+
+    def pending(self, study_ids: set[int] | None, limit: int) -> list[Change]: ...
+
+    def ack(self, changes: Iterable[Change]) -> None: ...
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]: ...

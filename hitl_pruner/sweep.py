@@ -1,0 +1,119 @@
+"""The background sweep: applies commands in notes that did not come through our note-save."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+
+from .applier import Applier
+from .store import Change
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+MAX_BACKOFF = 300.0
+
+
+@dataclasses.dataclass
+class SweepStats:
+    changes: int = 0
+    trials: int = 0
+    applied: int = 0
+    seconds: float = 0.0
+
+
+class Sweeper:
+    def __init__(self, applier: Applier, store: Store, *, interval: float) -> None:
+        self.applier = applier
+        self.store = store
+        self.interval = interval
+        self.last_run: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # In a dry run nothing is consumed, so the same notes come back every sweep: say once.
+        self._dry_run_said: set[tuple[int, int]] = set()
+
+    def run_once(self) -> SweepStats:
+        started = time.perf_counter()
+        stats = SweepStats()
+        names = self.applier.studies
+        study_ids = self.store.study_ids(names) if names else None
+        while True:
+            changes = self.store.pending(study_ids, BATCH)
+            stats.changes += len(changes)
+            done = self._apply(changes, stats)
+            if self.applier.dry_run:
+                break
+            self.store.ack(done)
+            if len(changes) < BATCH:
+                break
+        stats.seconds = time.perf_counter() - started
+        self.last_run = time.time()
+        if stats.changes:
+            logger.debug("sweep: %s", stats)
+        return stats
+
+    def _apply(self, changes: list[Change], stats: SweepStats) -> list[Change]:
+        """Apply the current note of every trial named; return the changes that are settled."""
+        by_study: dict[int, set[int]] = collections.defaultdict(set)
+        for change in changes:
+            if change.trial_id >= 0:
+                by_study[change.study_id].add(change.trial_id)
+        unsettled: set[int] = set()
+        for study_id, trial_ids in by_study.items():
+            refs = self.store.trials(trial_ids)
+            # A note filed under another study's id names a trial that is not this study's.
+            refs = {tid: ref for tid, ref in refs.items() if ref.study_id == study_id}
+            notes = self.store.notes(study_id, refs)
+            history = self.store.last_changes(
+                tid for tid, ref in refs.items() if self.applier.needs_history(ref)
+            )
+            for tid, ref in refs.items():
+                note = notes.get(tid)
+                if note is None:
+                    continue
+                if self.applier.dry_run:
+                    if (tid, note.version) in self._dry_run_said:
+                        continue
+                    self._dry_run_said.add((tid, note.version))
+                outcome = self.applier.apply(
+                    ref, note, source="sweep", last_change=history.get(tid)
+                )
+                stats.trials += 1
+                if outcome.action == "applied":
+                    stats.applied += 1
+                elif outcome.action == "lost race":
+                    unsettled.add(tid)
+        return [c for c in changes if c.trial_id not in unsettled]
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="hitl-sweep", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        delay = 0.0  # first sweep at once: it picks up notes saved while we were down
+        while not self._stop.wait(delay):
+            try:
+                self.run_once()
+                delay = self.interval
+            except Exception:
+                # A database outage must not end the sweep: back off and try again.
+                delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
+                logger.exception("sweep failed; retrying in %.0f s", delay)

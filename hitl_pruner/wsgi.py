@@ -1,0 +1,19 @@
+"""The application configured from the environment (HITL_*), for WSGI servers."""
+
+from __future__ import annotations
+
+import sys
+
+from .app import create_app
+from .config import ConfigError
+from .config import resolve
+from .logs import setup_logging
+
+try:
+    _settings = resolve()
+    setup_logging(_settings.verbose)
+    app = create_app(_settings)
+except ConfigError as exc:
+    # A clear line instead of a traceback; gunicorn then stops ("Worker failed to boot").
+    sys.stderr.write(f"hitl-pruner: {exc}\n")
+    raise SystemExit(2) from None
