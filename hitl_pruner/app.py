@@ -39,12 +39,20 @@ def open_storage(settings: Settings) -> BaseStorage:
         raise ConfigError(
             f"cannot open the storage {settings.display_url}: {first_line}"
         ) from None
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigError(f"cannot use the storage URL {settings.display_url}: {exc}") from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(
+            f"cannot use the storage URL {settings.display_url}: {cause}; the drivers installed "
+            "are postgresql+psycopg2:// and mysql+pymysql://"
+        ) from None
 
 
-def create_app(settings: Settings) -> HitlMiddleware:
-    """The dashboard wrapped in our middleware; its sweep starts in the serving process."""
+def create_app(settings: Settings, *, autostart: bool = True) -> HitlMiddleware:
+    """The dashboard wrapped in our middleware; its sweep starts in the serving process.
+
+    With ``autostart=False`` the sweep starts only through ``start_background()`` (the gunicorn
+    hooks call it), or runs by hand with ``app.sweeper.run_once()``.
+    """
     storage = open_storage(settings)
     store: SqlStore | ApiStore
     if isinstance(storage, RDBStorage):
@@ -78,6 +86,7 @@ def create_app(settings: Settings) -> HitlMiddleware:
         store=store,
         sweeper=sweeper,
         after_fork=after_fork,
+        autostart=autostart,
     )
     logger.info(
         "serving %s%s%s", settings.display_url,

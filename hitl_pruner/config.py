@@ -253,9 +253,10 @@ def _storage_url(raw: dict[str, Any]) -> str:
                 f"{url!r} is not a storage URL; expected e.g. sqlite:///optuna.db or "
                 "postgresql://user@host/db"
             ) from None
-        # Plain mysql:// would ask SQLAlchemy for MySQLdb, which we do not install.
-        if parsed.drivername == "mysql":
-            parsed = parsed.set(drivername=DRIVERS["mysql"])
+        # Plain mysql:// asks SQLAlchemy for MySQLdb, and postgresql:// (SQLAlchemy 2.1) for
+        # psycopg 3: use the drivers we ship.
+        if parsed.drivername in ("mysql", "postgresql"):
+            parsed = parsed.set(drivername=DRIVERS[parsed.drivername])
         return parsed.render_as_string(hide_password=False)
 
     db_type = raw.get("db_type", "sqlite")

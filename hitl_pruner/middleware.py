@@ -48,17 +48,20 @@ class HitlMiddleware:
         store: Store,
         sweeper: Sweeper | None = None,
         after_fork: Callable[[], None] | None = None,
+        autostart: bool = True,
     ) -> None:
         self.app = app
         self.applier = applier
         self.store = store
         self.sweeper = sweeper
         self._after_fork = after_fork
+        # Start the sweep on a process's first request, for servers without our gunicorn hooks.
+        self._autostart = autostart
         self._pid: int | None = None
         self._lock = threading.Lock()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if self._pid != os.getpid():
+        if self._autostart and self._pid != os.getpid():
             self.start_background()
         if environ.get("REQUEST_METHOD") == "PUT":
             match = NOTE_PATH.match(environ.get("PATH_INFO", ""))

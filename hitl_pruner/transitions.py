@@ -48,8 +48,12 @@ def decide(
     retroactive_allowed: bool,
     retroactive_supported: bool,
 ) -> Decision:
+    # We moved this trial from COMPLETE to its current state, and nobody changed it since.
     relabelled = (
-        last_change is not None and last_change.retroactive and last_change.to_state == state
+        last_change is not None
+        and last_change.retroactive
+        and last_change.to_state == state
+        and state != TrialState.COMPLETE
     )
     if command is None:
         if relabelled:

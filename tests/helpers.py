@@ -1,0 +1,114 @@
+"""Small tools shared by the tests: studies with trials in every state, and an in-process client."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from hitl_pruner import Settings
+from hitl_pruner import create_app
+
+
+def make_study(url: str, name: str = "s") -> tuple[optuna.Study, dict[str, int]]:
+    """A study with one trial per interesting state; returns trial ids by label."""
+    study = optuna.create_study(study_name=name, storage=RDBStorage(url))
+    ids: dict[str, int] = {}
+    for label in ("complete", "complete2"):
+        t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        t.report(0.5, 0)
+        t.report(0.25, 1)
+        t.set_user_attr("u", label)
+        study.tell(t, 0.1)
+        ids[label] = t._trial_id
+    for label in ("running", "running2"):
+        t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        t.report(0.7, 0)
+        ids[label] = t._trial_id
+    t = study.ask()
+    study.tell(t, state=TrialState.PRUNED)
+    ids["pruned_by_worker"] = t._trial_id
+    t = study.ask()
+    study.tell(t, state=TrialState.FAIL)
+    ids["failed_by_worker"] = t._trial_id
+    study.enqueue_trial({"x": 0.5})
+    ids["waiting"] = max(tr._trial_id for tr in study.get_trials(deepcopy=False))
+    return study, ids
+
+
+def state(url: str, trial_id: int) -> TrialState:
+    return RDBStorage(url).get_trial(trial_id).state
+
+
+def app_for(url: str, **settings: Any) -> Any:
+    return create_app(Settings(storage_url=url, **settings), autostart=False)
+
+
+class Response:
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = int(status.split()[0])
+        self.headers = dict(headers)
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def outcome(self) -> dict[str, Any] | None:
+        raw = self.headers.get("X-Hitl-Outcome")
+        return json.loads(raw) if raw else None
+
+
+def call(
+    app: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    environ: dict[str, Any] | None = None,
+) -> Response:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+    env = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "test",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(data)),
+        "wsgi.input": io.BytesIO(data),
+        "wsgi.errors": io.StringIO(),
+        "wsgi.url_scheme": "http",
+        "wsgi.version": (1, 0),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        **(environ or {}),
+    }
+    captured: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured["status"], captured["headers"] = status, headers
+        return lambda _: None
+
+    result = app(env, start_response)
+    try:
+        out = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close:
+            close()
+    return Response(captured["status"], captured["headers"], out)
+
+
+def save(app: Any, study_id: int, trial_id: int, version: int, body: str, **kw: Any) -> Response:
+    return call(
+        app, "PUT", f"/api/studies/{study_id}/{trial_id}/note",
+        {"version": version, "body": body}, **kw,
+    )
