@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from bottle import BaseRequest
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage
 import optuna_dashboard
@@ -16,10 +15,7 @@ import optuna_dashboard
 from optuna_dashboard._note import note_str_key_prefix
 from optuna_dashboard._note import note_ver_key
 
-# Bottle rejects (413) JSON bodies over this size before the dashboard sees them.
-MAX_JSON_BODY = BaseRequest.MEMFILE_MAX
-
-__all__ = ["MAX_JSON_BODY", "create", "forget_study", "note_str_key_prefix", "note_ver_key"]
+__all__ = ["create", "forget_study", "note_str_key_prefix", "note_ver_key"]
 
 
 def create(storage: BaseStorage, artifact_dir: str | None) -> Any:

@@ -14,7 +14,6 @@ from typing import Callable
 from typing import Iterable
 
 from .applier import Applier
-from .dashboard import MAX_JSON_BODY
 from .store import Note
 from .store import Store
 from .sweep import Sweeper
@@ -29,6 +28,9 @@ logger = logging.getLogger(__name__)
 # The dashboard strips trailing slashes before routing, so we match them too.
 NOTE_PATH = re.compile(r"^/api/studies/(\d+)/(\d+)/note/*$")
 OUTCOME_HEADER = "X-Hitl-Outcome"
+# optuna-dashboard lifts bottle's body limit to 128 MiB for artifact uploads, and stores a note
+# as one write per 2045 characters: a megabyte note would be ~500 transactions. Notes get less.
+MAX_NOTE_REQUEST = 100 * 1024
 
 
 class HitlMiddleware:
@@ -89,12 +91,18 @@ class HitlMiddleware:
         self, environ: WSGIEnvironment, start_response: StartResponse, study_id: int, trial_id: int
     ) -> Iterable[bytes]:
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
+            length = int(environ.get("CONTENT_LENGTH") or -1)
         except ValueError:
-            length = 0
-        if length > MAX_JSON_BODY:
-            return self.app(environ, start_response)  # the dashboard answers 413
-        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+            length = -1
+        raw = b"" if length > MAX_NOTE_REQUEST else environ["wsgi.input"].read(
+            length if length >= 0 else MAX_NOTE_REQUEST + 1
+        )
+        if length > MAX_NOTE_REQUEST or len(raw) > MAX_NOTE_REQUEST:
+            reason = (
+                f"the note is too long: at most {MAX_NOTE_REQUEST // 1024} KiB per save "
+                "(long notes are stored as many small writes); attach large text as an artifact"
+            )
+            return _json(start_response, "413 Request Entity Too Large", {"reason": reason})
         request, problem = _parse(raw)
         if problem:
             return _json(start_response, "400 Bad Request", {"reason": problem})

@@ -186,8 +186,11 @@ class SqlStore:
             for name, statements in _trigger_ddl(conn.dialect.name):
                 if _trigger_exists(conn, name):
                     continue
+                # The raw cursor with no parameters: pyformat drivers would read LIKE's % as a
+                # placeholder.
+                cursor = conn.connection.cursor()
                 for statement in statements:
-                    conn.exec_driver_sql(statement)
+                    cursor.execute(statement)
 
     def _bootstrap(self) -> None:
         """Queue every note written before the triggers existed, once per database."""
