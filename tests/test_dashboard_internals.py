@@ -1,0 +1,56 @@
+"""One test per optuna-dashboard internal we use: an upgrade that moves one fails here first."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna_dashboard import save_note
+import optuna_dashboard
+
+from helpers import call
+from hitl_pruner import dashboard
+
+
+def test_trial_notes_live_in_study_system_attrs_under_these_keys(sqlite_url: str) -> None:
+    study = optuna.create_study(storage=RDBStorage(sqlite_url))
+    trial = study.ask()
+    save_note(trial, "x" * 2045 + "PRUNE")
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert attrs[dashboard.note_ver_key(trial._trial_id)] == 1
+    prefix = dashboard.note_str_key_prefix(trial._trial_id)
+    assert prefix == f"dashboard:{trial._trial_id}:note_str:"
+    assert attrs[f"{prefix}0"] == "x" * 2045 and attrs[f"{prefix}1"] == "PRUNE"
+
+
+def test_note_saves_need_the_stored_version_plus_one(sqlite_url: str) -> None:
+    storage = RDBStorage(sqlite_url)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    app = optuna_dashboard.wsgi(storage)
+    path = f"/api/studies/{study._study_id}/{trial._trial_id}/note"
+    assert call(app, "PUT", path, {"version": 1, "body": "a"}).status == 204
+    assert call(app, "PUT", path, {"version": 1, "body": "b"}).status == 409
+    assert call(app, "PUT", path, {"version": 2, "body": "b"}).status == 204
+
+
+def test_the_dashboard_caches_trials_per_study_until_we_forget_them(sqlite_url: str) -> None:
+    storage = RDBStorage(sqlite_url)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    app = dashboard.create(storage, None)
+    path = f"/api/studies/{study._study_id}"
+    assert call(app, "GET", path).json()["trials"][0]["state"] == "Running"
+    study.tell(trial, 1.0)
+    # Within the cache's TTL the dashboard still answers from memory...
+    assert call(app, "GET", path).json()["trials"][0]["state"] == "Running"
+    assert study._study_id in app._inmemory_cache._trials_cache
+    dashboard.forget_study(app, study._study_id)
+    assert study._study_id not in app._inmemory_cache._trials_cache
+    assert study._study_id not in app._inmemory_cache._cached_extra_study_property_cache
+    # ...and reads the storage again once we forget the study.
+    assert call(app, "GET", path).json()["trials"][0]["state"] == "Complete"
+
+
+def test_the_dashboard_takes_an_artifact_store(tmp_path: object, sqlite_url: str) -> None:
+    app = dashboard.create(RDBStorage(sqlite_url), str(tmp_path))
+    assert call(app, "GET", "/api/meta").json()["artifact_is_available"] is True
