@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import sqlalchemy as sa
 from optuna.storages import BaseStorage
 from optuna.storages import JournalStorage
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
+import sqlalchemy as sa
 
 from . import dashboard
 from .applier import Applier

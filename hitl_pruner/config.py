@@ -294,7 +294,7 @@ def _cert_path(raw: dict[str, Any], settings: Settings) -> str | None:
             raise ConfigError("--use-cert applies to PostgreSQL and MySQL storages only")
     if path is None:
         if networked and DEFAULT_CERT.is_file():
-            logger.info("using the CA certificate found at %s (--no-cert turns this off)", DEFAULT_CERT)
+            logger.info("using the CA certificate at %s (--no-cert turns this off)", DEFAULT_CERT)
             return str(DEFAULT_CERT.resolve())
         return None
     if not Path(path).is_file():

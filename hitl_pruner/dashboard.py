@@ -11,6 +11,7 @@ from typing import Any
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage
 import optuna_dashboard
+
 # The keys of a trial's note in the study's system attrs.
 from optuna_dashboard._note import note_str_key_prefix
 from optuna_dashboard._note import note_ver_key

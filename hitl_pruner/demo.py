@@ -13,7 +13,9 @@ import time
 
 import optuna
 from optuna.storages import BaseStorage
+from optuna.storages import JournalStorage
 from optuna.storages import RDBStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from optuna_dashboard import save_note
 
@@ -25,7 +27,7 @@ STEP_SECONDS = 2.0
 def _storage(url: str) -> BaseStorage:
     if "://" in url:
         return RDBStorage(url)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    return JournalStorage(JournalFileBackend(url))
 
 
 def _loss(x: float, step: int) -> float:
@@ -45,7 +47,7 @@ def seed(url: str) -> None:
         study.tell(trial, _loss(x, 5))
     first, second = (optuna.Trial(study, t._trial_id) for t in study.trials[:2])
     save_note(first, "Looks fine.")
-    save_note(second, "Bogus data split? Add a line with the word fail in capitals and save: it is relabelled.")
+    save_note(second, "Bogus data split? Add the word fail in capitals and save: it is relabelled.")
 
 
 def _run_trials(study: optuna.Study, stop: threading.Event) -> None:

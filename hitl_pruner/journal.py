@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+from typing import Any
 from typing import Iterable
 
 from optuna.exceptions import UpdateFinishedTrialError
@@ -123,7 +124,7 @@ class ApiStore:
         return entries[:limit]
 
 
-def _note(attrs: dict[str, object], trial_id: int) -> Note | None:
+def _note(attrs: dict[str, Any], trial_id: int) -> Note | None:
     version = attrs.get(note_ver_key(trial_id))
     if version is None:
         return None

@@ -19,10 +19,10 @@ import json
 import logging
 from typing import Iterable
 
-import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
+import sqlalchemy as sa
 
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
@@ -195,7 +195,8 @@ class SqlStore:
     def _bootstrap(self) -> None:
         """Queue every note written before the triggers existed, once per database."""
         with self._engine.begin() as conn:
-            if conn.execute(sa.select(meta_t.c.value).where(meta_t.c.name == "bootstrapped")).first():
+            done = sa.select(meta_t.c.value).where(meta_t.c.name == "bootstrapped")
+            if conn.execute(done).first():
                 return
             conn.execute(sa.insert(meta_t).values(name="bootstrapped", value=_utcnow().isoformat()))
             conn.execute(
@@ -328,7 +329,8 @@ class SqlStore:
         ids = [c.id for c in changes]
         with self._engine.begin() as conn:
             for start in range(0, len(ids), 500):
-                conn.execute(sa.delete(changes_t).where(changes_t.c.id.in_(ids[start : start + 500])))
+                batch = ids[start : start + 500]
+                conn.execute(sa.delete(changes_t).where(changes_t.c.id.in_(batch)))
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)

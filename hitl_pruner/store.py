@@ -8,6 +8,7 @@ from typing import Iterable
 from typing import Protocol
 
 from optuna.trial import TrialState
+
 from .audit import AuditEntry
 from .transitions import LastChange
 

@@ -54,3 +54,22 @@ def test_the_dashboard_caches_trials_per_study_until_we_forget_them(sqlite_url: 
 def test_the_dashboard_takes_an_artifact_store(tmp_path: object, sqlite_url: str) -> None:
     app = dashboard.create(RDBStorage(sqlite_url), str(tmp_path))
     assert call(app, "GET", "/api/meta").json()["artifact_is_available"] is True
+
+
+def test_optuna_keeps_trial_states_by_name_in_the_trials_table(sqlite_url: str) -> None:
+    """rdb.py writes trials.state and reads study_system_attributes through optuna's models."""
+    import sqlalchemy as sa
+
+    from hitl_pruner import rdb
+
+    study = optuna.create_study(storage=RDBStorage(sqlite_url))
+    study.ask()
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        raw = conn.execute(sa.text("SELECT state FROM trials")).scalar()
+    engine.dispose()
+    assert raw == "RUNNING"
+    assert {"trial_id", "study_id", "number", "state", "datetime_complete"} <= set(
+        rdb.trials_t.c.keys()
+    )
+    assert {"study_id", "key", "value_json"} <= set(rdb.attrs_t.c.keys())
