@@ -171,4 +171,5 @@ def _serve(settings: Settings, *, demo: bool) -> int:
     finally:
         if demo_worker is not None:
             demo_worker.terminate()
+            demo_worker.wait(15)
     return 0

@@ -7,6 +7,7 @@ slow ask-and-tell worker that keeps two trials RUNNING and moves on when a human
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import threading
 import time
@@ -57,6 +58,8 @@ def _run_trials(study: optuna.Study, stop: threading.Event) -> None:
         x = trial.suggest_float("x", -10, 10)
         for step in range(STEPS):
             if stop.wait(STEP_SECONDS):
+                # Leave no trial RUNNING forever when the demo stops.
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 return
             # A human may have ended this trial from the dashboard: then go to the next one.
             if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
@@ -70,16 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     url = (argv if argv is not None else sys.argv[1:])[0]
     study = optuna.load_study(study_name=STUDY, storage=_storage(url))
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     workers = [threading.Thread(target=_run_trials, args=(study, stop)) for _ in range(2)]
     for w in workers:
         w.start()
     try:
         while any(w.is_alive() for w in workers):
-            time.sleep(1)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
+        for w in workers:
+            w.join()
     return 0
 
 
