@@ -74,6 +74,7 @@ def create_app(settings: Settings, *, autostart: bool = True) -> HitlMiddleware:
         retroactive=settings.retroactive,
         dry_run=settings.dry_run,
         studies=frozenset(settings.studies),
+        grace=settings.grace_seconds,
         on_change=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
     )
     sweeper = Sweeper(applier, store, interval=settings.interval)

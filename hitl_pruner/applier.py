@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 from typing import Callable
 
 from optuna.trial import TrialState
 
+from .audit import AFTER_GRACE
+from .audit import BY_WORKER
 from .audit import AuditEntry
+from .commands import Command
 from .commands import CommandParser
+from .requests import Request
+from .requests import Settle
+from .requests import settle
 from .store import LostRace
 from .store import Note
 from .store import Store
@@ -26,7 +33,8 @@ FINISHED_BY_US_POSSIBLE = (TrialState.PRUNED, TrialState.FAIL)
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    # "applied", "nothing to do", "refused", "dry run", "not monitored", "lost race"
+    # "applied", "requested", "nothing to do", "refused", "dry run", "not monitored",
+    # "lost race"; from the sweep's settling also "waiting" and "dropped"
     action: str
     reason: str
     trial_id: int
@@ -55,6 +63,7 @@ class Applier:
         retroactive: bool = True,
         dry_run: bool = False,
         studies: frozenset[str] = frozenset(),
+        grace: float = 30.0,
         on_change: Callable[[int], None] = lambda study_id: None,
     ) -> None:
         self.store = store
@@ -62,6 +71,8 @@ class Applier:
         self.retroactive = retroactive
         self.dry_run = dry_run
         self.studies = studies
+        # Seconds a cooperative worker has to end its trial before the sweep forces it.
+        self.grace = grace
         self._on_change = on_change
 
     def monitors(self, study_name: str) -> bool:
@@ -84,15 +95,44 @@ class Applier:
             return Outcome(
                 "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
             )
-        command = self.parser.parse(note.body)
+        return self._carry_out(
+            ref, self.parser.parse(note.body), note.version,
+            source=source, user=user, last_change=last_change,
+        )
+
+    def command(self, ref: TrialRef, command: Command, *, source: str,
+                user: str | None = None) -> Outcome:
+        """Apply a command that comes without a note (the dashboard's Fail Trial button)."""
+        if not self.monitors(ref.study_name):
+            return Outcome(
+                "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
+            )
+        return self._carry_out(ref, command, None, source=source, user=user)
+
+    def _carry_out(
+        self,
+        ref: TrialRef,
+        command: Command | None,
+        note_version: int | None,
+        *,
+        source: str,
+        user: str | None,
+        last_change: LastChange | None = None,
+    ) -> Outcome:
         if last_change is None and self.needs_history(ref):
             last_change = self.store.last_changes([ref.trial_id]).get(ref.trial_id)
+        # Only a running trial has a worker to ask, and only a command needs one.
+        worker = (
+            self.store.worker(ref)
+            if command is not None and ref.state == TrialState.RUNNING else None
+        )
         decision = decide(
             ref.state,
             command,
             last_change,
             retroactive_allowed=self.retroactive,
             retroactive_supported=self.store.retroactive_supported,
+            worker=worker,
         )
         if decision.action is Action.NOOP:
             return Outcome(decision.action.value, decision.reason, ref.trial_id)
@@ -105,6 +145,8 @@ class Applier:
             return Outcome(decision.action.value, decision.reason, ref.trial_id)
 
         assert decision.source is not None and decision.target is not None
+        if decision.action is Action.ASK:
+            return self._ask(ref, decision.target, note_version, source=source, user=user)
         entry = AuditEntry(
             study_id=ref.study_id,
             study_name=ref.study_name,
@@ -112,7 +154,7 @@ class Applier:
             trial_number=ref.number,
             from_state=decision.source,
             to_state=decision.target,
-            note_version=note.version,
+            note_version=note_version,
             user=user,
             source=source,
             retroactive=decision.retroactive,
@@ -124,16 +166,113 @@ class Applier:
                 "dry run", f"would change: {decision.reason}", ref.trial_id,
                 decision.source, decision.target,
             )
+        if not self._transition(entry):
+            return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
+        return Outcome(
+            decision.action.value, decision.reason, ref.trial_id, decision.source, decision.target
+        )
+
+    def _ask(self, ref: TrialRef, target: TrialState, note_version: int | None, *,
+             source: str, user: str | None) -> Outcome:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        request = Request(
+            trial_id=ref.trial_id,
+            study_id=ref.study_id,
+            study_name=ref.study_name,
+            trial_number=ref.number,
+            target=target,
+            note_version=note_version,
+            user=user,
+            source=source,
+            requested_at=now,
+            deadline=now + datetime.timedelta(seconds=self.grace),
+        )
+        what = (
+            f"study {ref.study_name!r} trial #{ref.number} (id {ref.trial_id}): asked its worker "
+            f"to end it as {target.name}{f' (for {user})' if user else ''}, via {source}; forced "
+            f"if still RUNNING after {self.grace:g} s"
+        )
+        if self.dry_run:
+            logger.info("dry run, would ask: %s", what)
+            return Outcome("dry run", "would ask its worker", ref.trial_id, ref.state, target)
+        self.store.ask(request)
+        logger.info("%s", what)
+        return Outcome(
+            Action.ASK.value,
+            f"asked its worker (it uses HumanInTheLoopPruner); forced after {self.grace:g} s",
+            ref.trial_id, ref.state, target,
+        )
+
+    def settle(self, request: Request, state: TrialState | None,
+               now: datetime.datetime) -> Outcome:
+        """Close an open request once its worker answered, or force it after the grace period."""
+        verdict = settle(request.target, state, request.deadline, now)
+        if verdict is Settle.WAIT:
+            return Outcome("waiting", "the worker has until the deadline", request.trial_id)
+        if self.dry_run:
+            # A dry run asks nobody, so a request here is a real server's: leave it to that one.
+            return Outcome("dry run", f"would settle: {verdict.value}", request.trial_id)
+        if verdict is Settle.RELABEL:
+            ref = self.store.trials([request.trial_id]).get(request.trial_id)
+            outcome = (
+                self.command(ref, _command_for(request.target), source=request.source,
+                             user=request.user)
+                if ref is not None else None
+            )
+            if outcome is None or outcome.action != "applied":
+                self.store.settle(request, None)  # refused (--active-only) or gone: close it
+            logger.info(
+                "study %r trial #%d completed before its worker read the request to end it "
+                "as %s", request.study_name, request.trial_number, request.target.name,
+            )
+            return outcome or Outcome("dropped", "the trial is gone", request.trial_id)
+        entry = AuditEntry(
+            study_id=request.study_id,
+            study_name=request.study_name,
+            trial_id=request.trial_id,
+            trial_number=request.trial_number,
+            from_state=TrialState.RUNNING,
+            to_state=request.target,
+            note_version=request.note_version,
+            user=request.user,
+            source=request.source,
+            retroactive=False,
+            undo=False,
+            how=AFTER_GRACE if verdict is Settle.FORCE else BY_WORKER,
+        )
+        if verdict is Settle.FORCE:
+            if not self._transition(entry):
+                return Outcome("lost race", "the trial changed meanwhile", request.trial_id)
+            return Outcome("applied", "forced after the grace period", request.trial_id,
+                           TrialState.RUNNING, request.target)
+        if verdict is Settle.BY_WORKER:
+            if self.store.settle(request, entry):
+                logger.info("changed %s", entry.describe())
+                self._on_change(request.study_id)
+            return Outcome("applied", "ended by its worker on request", request.trial_id,
+                           TrialState.RUNNING, request.target)
+        # Settle.DROP
+        if self.store.settle(request, None):
+            logger.info(
+                "study %r trial #%d: its worker ended it as %s before reading the request to end "
+                "it as %s; the worker's verdict stands", request.study_name,
+                request.trial_number, state.name if state else "(deleted)", request.target.name,
+            )
+        return Outcome("dropped", "the worker ended the trial otherwise", request.trial_id)
+
+    def _transition(self, entry: AuditEntry) -> bool:
         try:
             self.store.transition(entry)
         except LostRace:
             logger.info(
                 "study %r trial #%d changed while we acted; the sweep looks again",
-                ref.study_name, ref.number,
+                entry.study_name, entry.trial_number,
             )
-            return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
+            return False
         logger.info("changed %s", entry.describe())
-        self._on_change(ref.study_id)
-        return Outcome(
-            decision.action.value, decision.reason, ref.trial_id, decision.source, decision.target
-        )
+        self._on_change(entry.study_id)
+        return True
+
+
+def _command_for(target: TrialState) -> Command:
+    return Command.PRUNE if target == TrialState.PRUNED else Command.FAIL

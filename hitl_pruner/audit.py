@@ -8,6 +8,20 @@ from typing import Any
 
 from optuna.trial import TrialState
 
+# How a change was carried out (column hitl_audit.how):
+# the server wrote the state at once (a worker without HumanInTheLoopPruner, a WAITING trial,
+# or a finished trial relabelled);
+FORCED = "forced"
+# the trial's worker read our request and ended the trial itself;
+BY_WORKER = "worker"
+# the server wrote the state because the worker had not acted within the grace period.
+AFTER_GRACE = "grace"
+_HOW_TEXT = {
+    FORCED: "forced at once",
+    BY_WORKER: "ended by its worker on request",
+    AFTER_GRACE: "forced after the grace period",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class AuditEntry:
@@ -19,10 +33,12 @@ class AuditEntry:
     to_state: TrialState
     note_version: int | None
     user: str | None
-    # Which path applied it: "note-save" (the dashboard's PUT) or "sweep".
+    # Which path applied it: "note-save" (the dashboard's PUT), "sweep", or "fail-button" (the
+    # dashboard's Fail Trial button, POST /api/trials/<id>/tell).
     source: str
     retroactive: bool
     undo: bool
+    how: str = FORCED
     at: datetime.datetime = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc)
     )
@@ -43,13 +59,17 @@ class AuditEntry:
             "source": self.source,
             "retroactive": self.retroactive,
             "undo": self.undo,
+            "how": self.how,
         }
 
     def describe(self) -> str:
         who = f" by {self.user}" if self.user else ""
         kind = " (undo)" if self.undo else " (retroactive)" if self.retroactive else ""
+        # A relabel is always written by the server: only a running trial's end has a "how".
+        how = "" if self.retroactive else f", {_HOW_TEXT.get(self.how, self.how)}"
+        note = f"note v{self.note_version}, " if self.note_version is not None else ""
         return (
             f"study {self.study_name!r} trial #{self.trial_number} (id {self.trial_id}): "
-            f"{self.from_state.name} -> {self.to_state.name}{kind}{who}, "
-            f"note v{self.note_version}, via {self.source}"
+            f"{self.from_state.name} -> {self.to_state.name}{kind}{who}{how}, "
+            f"{note}via {self.source}"
         )

@@ -67,6 +67,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     mon.add_argument("--port", type=int, help="port to listen on (default: 8080)")
     mon.add_argument("--study", nargs="*", help="only these studies (default: all)")
     mon.add_argument("--interval", type=float, help="seconds between sweeps (default: 10)")
+    mon.add_argument("--grace", type=float,
+                     help="seconds a worker using HumanInTheLoopPruner has to end its trial "
+                     "itself before the sweep forces the state (default: 3 x --interval)")
     mon.add_argument("--prune-pattern", help=r"regex of a PRUNE command (default: \bPRUNE\b)")
     mon.add_argument("--fail-pattern", help=r"regex of a FAIL command (default: \bFAIL\b)")
     mon.add_argument("--dry-run", action="store_true", default=None,
@@ -85,7 +88,7 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
 
 SETTINGS_KEYS = (
     "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
-    "cert_path use_cert no_cert host port study interval prune_pattern fail_pattern dry_run "
+    "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path"
 ).split()
 

@@ -45,6 +45,9 @@ class Settings:
     port: int = 8080
     studies: tuple[str, ...] = ()
     interval: float = 10.0
+    # Seconds a worker using HumanInTheLoopPruner has to end its trial before the sweep forces
+    # the state; None: three sweep intervals.
+    grace: float | None = None
     prune_pattern: str = DEFAULT_PRUNE_PATTERN
     fail_pattern: str = DEFAULT_FAIL_PATTERN
     dry_run: bool = False
@@ -55,6 +58,10 @@ class Settings:
     cert_path: str | None = None
     # The database password, kept apart from storage_url so no repr or log line shows it.
     db_password: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def grace_seconds(self) -> float:
+        return 3 * self.interval if self.grace is None else self.grace
 
     @property
     def url(self) -> sa.URL | None:
@@ -117,6 +124,8 @@ OPTIONS = [
     _Option("port", int, "Port to listen on (default 8080)"),
     _Option("study", _studies, "Only these studies (comma-separated in the environment)"),
     _Option("interval", float, "Seconds between sweeps (default 10)"),
+    _Option("grace", float, "Seconds a cooperative worker has before the state is forced "
+            "(default 3 x interval)"),
     _Option("prune_pattern", str, r"Regex for a PRUNE command (default \bPRUNE\b)"),
     _Option("fail_pattern", str, r"Regex for a FAIL command (default \bFAIL\b)"),
     _Option("dry_run", _bool, "Log what would change, change nothing"),
@@ -201,6 +210,9 @@ def _build(raw: dict[str, Any]) -> Settings:
     interval = float(raw.get("interval", 10.0))
     if not interval > 0:
         raise ConfigError(f"--interval must be a positive number of seconds, not {interval}")
+    grace = float(raw["grace"]) if raw.get("grace") is not None else None
+    if grace is not None and not grace >= 0:
+        raise ConfigError(f"--grace must be a number of seconds, 0 or more, not {grace}")
     port = int(raw.get("port", 8080))
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
@@ -215,6 +227,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         port=port,
         studies=tuple(raw.get("study", ())),
         interval=interval,
+        grace=grace,
         prune_pattern=raw.get("prune_pattern", DEFAULT_PRUNE_PATTERN),
         fail_pattern=raw.get("fail_pattern", DEFAULT_FAIL_PATTERN),
         dry_run=bool(raw.get("dry_run", False)),

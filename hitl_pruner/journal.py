@@ -4,6 +4,9 @@ A journal is append-only and Optuna refuses to change a finished trial there, so
 relabels are refused; RUNNING and WAITING trials can still be ended. With no table to hang a
 trigger on, the sweep compares every note with what it saw last: a cost that grows with the
 number of notes, which a journal's in-memory replay already pays.
+
+Workers are never asked here: HumanInTheLoopPruner's cheap check and the FAIL trigger need an
+RDB storage, so a command ends a running trial at once, as without the wrapper.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
+from .audit import FORCED
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
+from .requests import Request
 from .store import NOTE_KEY
 from .store import Change
 from .store import LostRace
 from .store import Note
 from .store import TrialRef
 from .transitions import LastChange
+from .transitions import Worker
 
 AUDIT_PREFIX = "hitl:audit:"
 
@@ -77,6 +83,18 @@ class ApiStore:
         self._storage.set_study_system_attr(
             entry.study_id, f"{AUDIT_PREFIX}{stamp}:{entry.trial_id}", entry.to_json()
         )
+
+    def worker(self, ref: TrialRef) -> Worker:
+        return Worker(cooperates=False)
+
+    def ask(self, request: Request) -> None:
+        raise NotImplementedError("journal storages never ask a worker")
+
+    def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
+        return []
+
+    def settle(self, request: Request, entry: AuditEntry | None) -> bool:
+        return False
 
     def notes(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, Note]:
         attrs = self._storage.get_study_system_attrs(study_id)
@@ -149,4 +167,5 @@ def _entry(data: object) -> AuditEntry:
         source=d["source"],
         retroactive=d["retroactive"],
         undo=d["undo"],
+        how=d.get("how", FORCED),
     )

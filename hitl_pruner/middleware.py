@@ -13,7 +13,10 @@ from typing import Any
 from typing import Callable
 from typing import Iterable
 
+from optuna.trial import TrialState
+
 from .applier import Applier
+from .commands import Command
 from .store import Note
 from .store import Store
 from .sweep import Sweeper
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 # The dashboard strips trailing slashes before routing, so we match them too.
 NOTE_PATH = re.compile(r"^/api/studies/(\d+)/(\d+)/note/*$")
+# The dashboard's "Fail Trial" button: POST {"state": "Fail"}.
+TELL_PATH = re.compile(r"^/api/trials/(\d+)/tell/*$")
+# A tell body is a few bytes; anything larger goes to the dashboard unread by us.
+MAX_TELL_REQUEST = 64 * 1024
 OUTCOME_HEADER = "X-Hitl-Outcome"
 # optuna-dashboard lifts bottle's body limit to 128 MiB for artifact uploads, and stores a note
 # as one write per 2045 characters: a megabyte note would be ~500 transactions. Notes get less.
@@ -38,8 +45,12 @@ class HitlMiddleware:
 
     ``PUT /api/studies/<study_id>/<trial_id>/note`` goes to the dashboard as always; when the
     dashboard saved the note (204), the note's command is applied before the response leaves,
-    and the ``X-Hitl-Outcome`` header (JSON) says what happened. Every other request passes
-    through untouched.
+    and the ``X-Hitl-Outcome`` header (JSON) says what happened.
+
+    ``POST /api/trials/<trial_id>/tell`` with state Fail (the dashboard's Fail Trial button) on
+    a RUNNING or WAITING trial takes the same path as a FAIL note: a worker using
+    HumanInTheLoopPruner is asked, any other is forced, and the change is audited; the answer is
+    a 204 with the same header. Every other request passes through untouched.
     """
 
     def __init__(
@@ -69,6 +80,10 @@ class HitlMiddleware:
             match = NOTE_PATH.match(environ.get("PATH_INFO", ""))
             if match:
                 return self._save_note(environ, start_response, int(match[1]), int(match[2]))
+        elif environ.get("REQUEST_METHOD") == "POST":
+            match = TELL_PATH.match(environ.get("PATH_INFO", ""))
+            if match:
+                return self._tell(environ, start_response, int(match[1]))
         return self.app(environ, start_response)
 
     def start_background(self) -> None:
@@ -139,6 +154,41 @@ class HitlMiddleware:
                 )
         start_response(captured["status"], headers, captured["exc_info"])
         return body
+
+
+    def _tell(
+        self, environ: WSGIEnvironment, start_response: StartResponse, trial_id: int
+    ) -> Iterable[bytes]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_TELL_REQUEST:
+            return self.app(environ, start_response)
+        raw = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = io.BytesIO(raw)
+        try:
+            state = json.loads(raw).get("state")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            state = None
+        # The dashboard reads the state case-insensitively; anything else stays its business.
+        if not isinstance(state, str) or state.upper() != TrialState.FAIL.name:
+            return self.app(environ, start_response)
+        ref = self.store.trials([trial_id]).get(trial_id)
+        if ref is None or ref.state not in (TrialState.RUNNING, TrialState.WAITING):
+            return self.app(environ, start_response)
+        try:
+            outcome = self.applier.command(
+                ref, Command.FAIL, source="fail-button", user=environ.get("REMOTE_USER") or None
+            )
+        except Exception:
+            logger.exception("failing trial id %d failed", trial_id)
+            return _json(start_response, "503 Service Unavailable",
+                         {"reason": "the database did not answer; try again"})
+        if outcome.action == "not monitored":
+            return self.app(environ, start_response)
+        start_response("204 No Content", [(OUTCOME_HEADER, outcome.header())])
+        return []
 
 
 def _parse(raw: bytes) -> tuple[dict[str, Any], str | None]:

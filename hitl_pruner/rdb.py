@@ -24,21 +24,28 @@ from optuna.storages._rdb import models
 from optuna.trial import TrialState
 import sqlalchemy as sa
 
+from .audit import FORCED
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
+from .requests import COOPERATIVE_ATTR
+from .requests import Request
+from .requests import cooperates
 from .store import NOTE_KEY
 from .store import Change
 from .store import LostRace
 from .store import Note
 from .store import TrialRef
 from .transitions import LastChange
+from .transitions import Worker
 
 logger = logging.getLogger(__name__)
 
 trials_t: sa.Table = models.TrialModel.__table__  # type: ignore[assignment]
 studies_t: sa.Table = models.StudyModel.__table__  # type: ignore[assignment]
 attrs_t: sa.Table = models.StudySystemAttributeModel.__table__  # type: ignore[assignment]
+trial_attrs_t: sa.Table = models.TrialSystemAttributeModel.__table__  # type: ignore[assignment]
+steps_t: sa.Table = models.TrialIntermediateValueModel.__table__  # type: ignore[assignment]
 
 metadata = sa.MetaData()
 audit_t = sa.Table(
@@ -57,6 +64,26 @@ audit_t = sa.Table(
     sa.Column("source", sa.String(32), nullable=False),
     sa.Column("retroactive", sa.Boolean, nullable=False),
     sa.Column("is_undo", sa.Boolean, nullable=False),
+    # "forced", "worker" or "grace": see audit.py.
+    sa.Column("how", sa.String(16), nullable=False, default=FORCED),
+    # Workers read the newest relabel of their study through this index (worker.py), one
+    # lookup per check.
+    sa.Index("ix_hitl_audit_relabels", "study_id", "retroactive", "id"),
+)
+# Open requests to cooperative workers, one per trial; the worker reads its row by primary key.
+requests_t = sa.Table(
+    "hitl_requests",
+    metadata,
+    sa.Column("trial_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("study_id", sa.Integer, nullable=False, index=True),
+    sa.Column("study_name", sa.String(512), nullable=False),
+    sa.Column("trial_number", sa.Integer, nullable=False),
+    sa.Column("target", sa.String(16), nullable=False),
+    sa.Column("note_version", sa.Integer),
+    sa.Column("user_name", sa.String(256)),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("requested_at", sa.DateTime, nullable=False),
+    sa.Column("deadline", sa.DateTime, nullable=False),
 )
 changes_t = sa.Table(
     "hitl_note_changes",
@@ -129,6 +156,48 @@ def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
     raise InstallError(f"unsupported database dialect {dialect!r}")
 
 
+FAIL_TRIGGER = "hitl_fail_on_request"
+
+
+def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
+    """A trigger on ``trials``: a worker's PRUNED becomes FAIL when a human asked FAIL.
+
+    Optuna's ``study.optimize`` re-raises every exception of the objective except TrialPruned
+    (unless it is in ``catch``), and refuses to tell a trial someone else finished. So the only
+    way a worker ends its trial and carries on is TrialPruned: HumanInTheLoopPruner answers
+    ``should_prune() -> True`` to a FAIL request too, and this trigger turns that PRUNED into
+    FAIL in the worker's own update, so no other process ever sees the trial PRUNED.
+    """
+    requested = (
+        "EXISTS (SELECT 1 FROM hitl_requests r WHERE r.trial_id = NEW.trial_id "
+        "AND r.target = 'FAIL')"
+    )
+    if dialect == "sqlite":
+        # SQLite cannot change NEW in a BEFORE trigger; the update in an AFTER trigger belongs
+        # to the same statement's transaction (and triggers do not recurse by default).
+        return [(FAIL_TRIGGER, [
+            f"CREATE TRIGGER IF NOT EXISTS {FAIL_TRIGGER} AFTER UPDATE OF state ON trials "
+            f"WHEN OLD.state = 'RUNNING' AND NEW.state = 'PRUNED' AND {requested} "
+            "BEGIN UPDATE trials SET state = 'FAIL' WHERE trial_id = NEW.trial_id; END"
+        ])]
+    if dialect == "postgresql":
+        return [(FAIL_TRIGGER, [
+            f"CREATE OR REPLACE FUNCTION {FAIL_TRIGGER}() RETURNS trigger AS $$ "
+            f"BEGIN IF {requested} THEN NEW.state := 'FAIL'; END IF; RETURN NEW; END $$ "
+            "LANGUAGE plpgsql",
+            f"CREATE TRIGGER {FAIL_TRIGGER} BEFORE UPDATE OF state ON trials FOR EACH ROW "
+            "WHEN (OLD.state = 'RUNNING' AND NEW.state = 'PRUNED') "
+            f"EXECUTE PROCEDURE {FAIL_TRIGGER}()",
+        ])]
+    if dialect in ("mysql", "mariadb"):
+        return [(FAIL_TRIGGER, [
+            f"CREATE TRIGGER {FAIL_TRIGGER} BEFORE UPDATE ON trials FOR EACH ROW "
+            f"BEGIN IF OLD.state = 'RUNNING' AND NEW.state = 'PRUNED' AND {requested} "
+            "THEN SET NEW.state = 'FAIL'; END IF; END"
+        ])]
+    raise InstallError(f"unsupported database dialect {dialect!r}")
+
+
 def _trigger_exists(conn: sa.Connection, name: str) -> bool:
     dialect = conn.dialect.name
     if dialect == "sqlite":
@@ -176,14 +245,16 @@ class SqlStore:
         except sa.exc.DBAPIError as exc:
             raise InstallError(
                 "hitl-pruner could not create its tables and triggers "
-                f"(hitl_audit, hitl_note_changes, {TRIGGER}*): {exc.orig}. The database user "
+                f"(hitl_audit, hitl_note_changes, hitl_requests, {TRIGGER}*, {FAIL_TRIGGER}): "
+                f"{exc.orig}. The database user "
                 "needs CREATE and TRIGGER privileges on the Optuna database (MySQL with binary "
                 "logging also needs log_bin_trust_function_creators=1)."
             ) from None
 
     def _install_triggers(self) -> None:
         with self._engine.begin() as conn:
-            for name, statements in _trigger_ddl(conn.dialect.name):
+            dialect = conn.dialect.name
+            for name, statements in _trigger_ddl(dialect) + _fail_trigger_ddl(dialect):
                 if _trigger_exists(conn, name):
                     continue
                 # The raw cursor with no parameters: pyformat drivers would read LIKE's % as a
@@ -211,11 +282,14 @@ class SqlStore:
     def uninstall(self) -> None:
         with self._engine.begin() as conn:
             dialect = conn.dialect.name
-            for name, _ in _trigger_ddl(dialect):
-                on = " ON study_system_attributes" if dialect == "postgresql" else ""
-                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
+            for table, ddl in (("study_system_attributes", _trigger_ddl),
+                               ("trials", _fail_trigger_ddl)):
+                for name, _ in ddl(dialect):
+                    on = f" ON {table}" if dialect == "postgresql" else ""
+                    conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}{on}")
             if dialect == "postgresql":
                 conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {TRIGGER}()")
+                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {FAIL_TRIGGER}()")
         metadata.drop_all(self._engine, checkfirst=True)
 
     def trials(self, trial_ids: Iterable[int]) -> dict[int, TrialRef]:
@@ -270,6 +344,75 @@ class SqlStore:
             if result.rowcount != 1:
                 raise LostRace()
             conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
+            # The trial's state is final now: a request still open for it is answered.
+            conn.execute(sa.delete(requests_t).where(requests_t.c.trial_id == entry.trial_id))
+
+    def worker(self, ref: TrialRef) -> Worker:
+        trial_id, study_id = ref.trial_id, ref.study_id
+        query = sa.select(
+            sa.exists().where(
+                trial_attrs_t.c.trial_id == trial_id, trial_attrs_t.c.key == COOPERATIVE_ATTR
+            ),
+            sa.exists().where(attrs_t.c.study_id == study_id, attrs_t.c.key == COOPERATIVE_ATTR),
+            sa.exists().where(steps_t.c.trial_id == trial_id),
+            sa.select(requests_t.c.target)
+            .where(requests_t.c.trial_id == trial_id)
+            .scalar_subquery(),
+        )
+        with self._engine.connect() as conn:
+            marked, study_has_them, reported, target = conn.execute(query).one()
+        return Worker(
+            cooperates(
+                marked=bool(marked),
+                study_has_cooperative_workers=bool(study_has_them),
+                reported=bool(reported),
+            ),
+            TrialState[target] if target else None,
+        )
+
+    def ask(self, request: Request) -> None:
+        row = _request_row(request)
+        for attempt in range(2):
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(
+                        sa.delete(requests_t).where(requests_t.c.trial_id == request.trial_id)
+                    )
+                    conn.execute(sa.insert(requests_t).values(**row))
+                return
+            except sa.exc.IntegrityError:
+                # Another server inserted its request between our delete and insert: ours,
+                # the newer one, replaces it.
+                if attempt == 1:
+                    raise
+
+    def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
+        query = (
+            sa.select(requests_t, trials_t.c.state.label("trial_state"))
+            .join(trials_t, trials_t.c.trial_id == requests_t.c.trial_id, isouter=True)
+            .order_by(requests_t.c.deadline)
+        )
+        if study_ids is not None:
+            if not study_ids:
+                return []
+            query = query.where(requests_t.c.study_id.in_(sorted(study_ids)))
+        with self._engine.connect() as conn:
+            return [
+                (_request(row), _state(row.trial_state)) for row in conn.execute(query)
+            ]
+
+    def settle(self, request: Request, entry: AuditEntry | None) -> bool:
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                sa.delete(requests_t)
+                .where(requests_t.c.trial_id == request.trial_id)
+                .where(requests_t.c.target == request.target.name)
+            )
+            if result.rowcount != 1:
+                return False
+            if entry is not None:
+                conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
+        return True
 
     def notes(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, Note]:
         remaining = sorted(set(trial_ids))
@@ -352,7 +495,49 @@ def _audit_row(entry: AuditEntry) -> dict[str, object]:
         "source": entry.source,
         "retroactive": entry.retroactive,
         "is_undo": entry.undo,
+        "how": entry.how,
     }
+
+
+def _request_row(request: Request) -> dict[str, object]:
+    return {
+        "trial_id": request.trial_id,
+        "study_id": request.study_id,
+        "study_name": request.study_name,
+        "trial_number": request.trial_number,
+        "target": request.target.name,
+        "note_version": request.note_version,
+        "user_name": request.user,
+        "source": request.source,
+        "requested_at": _naive_utc(request.requested_at),
+        "deadline": _naive_utc(request.deadline),
+    }
+
+
+def _request(row: sa.Row) -> Request:
+    return Request(
+        trial_id=row.trial_id,
+        study_id=row.study_id,
+        study_name=row.study_name,
+        trial_number=row.trial_number,
+        target=TrialState[row.target],
+        note_version=row.note_version,
+        user=row.user_name,
+        source=row.source,
+        requested_at=row.requested_at.replace(tzinfo=datetime.timezone.utc),
+        deadline=row.deadline.replace(tzinfo=datetime.timezone.utc),
+    )
+
+
+def _state(value: object) -> TrialState | None:
+    # SQLAlchemy hands back Optuna's enum column as TrialState; be lenient with plain names.
+    if value is None or isinstance(value, TrialState):
+        return value
+    return TrialState[str(value)]
+
+
+def _naive_utc(at: datetime.datetime) -> datetime.datetime:
+    return at.astimezone(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def _audit_entry(row: sa.Row) -> AuditEntry:
@@ -370,4 +555,5 @@ def _audit_entry(row: sa.Row) -> AuditEntry:
         source=row.source,
         retroactive=bool(row.retroactive),
         undo=bool(row.is_undo),
+        how=row.how,
     )

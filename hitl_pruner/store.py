@@ -10,7 +10,9 @@ from typing import Protocol
 from optuna.trial import TrialState
 
 from .audit import AuditEntry
+from .requests import Request
 from .transitions import LastChange
+from .transitions import Worker
 
 # optuna-dashboard keeps a trial's note in study system attrs named
 # "dashboard:<trial_id>:note_ver" and "dashboard:<trial_id>:note_str:<i>" (see _note.py).
@@ -54,7 +56,27 @@ class Store(Protocol):
     def transition(self, entry: AuditEntry) -> None:
         """Move the trial from entry.from_state to entry.to_state and record it, atomically.
 
-        Raises LostRace when the trial is no longer in entry.from_state.
+        Also closes the trial's open request, if any. Raises LostRace when the trial is no
+        longer in entry.from_state.
+        """
+        ...
+
+    def worker(self, ref: TrialRef) -> Worker:
+        """Whether a RUNNING trial's worker reads requests, and what it was asked already."""
+        ...
+
+    def ask(self, request: Request) -> None:
+        """Record (or replace) the trial's open request, where its worker reads it."""
+        ...
+
+    def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
+        """Open requests, each with its trial's current state (None: the trial is gone)."""
+        ...
+
+    def settle(self, request: Request, entry: AuditEntry | None) -> bool:
+        """Close the request and record entry (if any), atomically.
+
+        Returns False, recording nothing, when another server closed it first.
         """
         ...
 

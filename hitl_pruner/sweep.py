@@ -1,9 +1,11 @@
-"""The background sweep: applies commands in notes that did not come through our note-save."""
+"""The background sweep: applies commands in notes that did not come through our note-save,
+and settles the requests to cooperative workers (forcing those past their grace period)."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import logging
 import threading
 import time
@@ -23,6 +25,9 @@ class SweepStats:
     changes: int = 0
     trials: int = 0
     applied: int = 0
+    # Open requests to workers looked at, and those closed (by the worker, or forced).
+    requests: int = 0
+    settled: int = 0
     seconds: float = 0.0
 
 
@@ -51,11 +56,21 @@ class Sweeper:
             self.store.ack(done)
             if len(changes) < BATCH:
                 break
+        self._settle(study_ids, stats)
         stats.seconds = time.perf_counter() - started
         self.last_run = time.time()
-        if stats.changes:
+        if stats.changes or stats.settled:
             logger.debug("sweep: %s", stats)
         return stats
+
+    def _settle(self, study_ids: set[int] | None, stats: SweepStats) -> None:
+        """Close requests whose worker answered; force those still running past the deadline."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for request, state in self.store.requests(study_ids):
+            stats.requests += 1
+            outcome = self.applier.settle(request, state, now)
+            if outcome.action in ("applied", "dropped"):
+                stats.settled += 1
 
     def _apply(self, changes: list[Change], stats: SweepStats) -> list[Change]:
         """Apply the current note of every trial named; return the changes that are settled."""

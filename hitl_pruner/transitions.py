@@ -17,6 +17,8 @@ ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
 
 class Action(enum.Enum):
     APPLY = "applied"
+    # Record the request where the trial's worker reads it, and let the worker end the trial.
+    ASK = "requested"
     NOOP = "nothing to do"
     REFUSE = "refused"
 
@@ -27,6 +29,16 @@ class LastChange:
 
     to_state: TrialState
     retroactive: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """What we know of a RUNNING trial's worker."""
+
+    # It runs HumanInTheLoopPruner, so it reads our requests: ask it instead of forcing.
+    cooperates: bool
+    # The state we already asked it to end the trial in, if any.
+    requested: TrialState | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +59,7 @@ def decide(
     *,
     retroactive_allowed: bool,
     retroactive_supported: bool,
+    worker: Worker | None = None,
 ) -> Decision:
     # We moved this trial from COMPLETE to its current state, and nobody changed it since.
     relabelled = (
@@ -69,6 +82,12 @@ def decide(
     target = command.target
     if state == target:
         return Decision(Action.NOOP, f"trial is already {target.name}")
+    if state == TrialState.RUNNING and worker is not None and worker.cooperates:
+        # Its worker ends the trial itself, through Optuna, and carries on with its next one;
+        # ending it from here would crash the worker's study.optimize.
+        if worker.requested == target:
+            return Decision(Action.NOOP, f"its worker was already asked to end it as {target.name}")
+        return Decision(Action.ASK, f"{command.value}: asked its worker", state, target)
     if state in ACTIVE:
         return Decision(Action.APPLY, f"{command.value} note", state, target)
     if state == TrialState.COMPLETE or relabelled:
