@@ -1,0 +1,326 @@
+"""The worker side: a pruner that lets a human's PRUNE or FAIL end a trial the way Optuna can.
+
+When the server ends a RUNNING trial itself, the worker's next ``trial.report()`` raises and
+``study.optimize`` aborts with ``ValueError: Cannot tell a PRUNED trial``. With
+:class:`HumanInTheLoopPruner` the server asks instead: it records the request, the worker reads
+it in ``should_prune()``, which answers True, and the objective raises ``TrialPruned`` as usual.
+Optuna records the trial PRUNED with its intermediate values and goes on to the next trial. A
+FAIL request ends the same way, and a trigger installed by the server turns the worker's PRUNED
+into FAIL in the same update (see rdb.py), because ``TrialPruned`` is the only exception
+``study.optimize`` survives without a ``catch`` argument.
+
+Each check is one query of two primary-key/index lookups: the trial's open request, and the
+newest relabel in the study. When that relabel is new to this process, the relabelled trials
+are read again into Optuna's trial cache, so the sampler stops seeing their old state from the
+next trial on.
+
+Everything here needs an RDB storage; on any other storage the pruner is just the wrapped one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+from typing import Sequence
+import weakref
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.pruners import HyperbandPruner
+from optuna.pruners import MedianPruner
+from optuna.storages import BaseStorage
+from optuna.storages import RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+import sqlalchemy as sa
+
+from .rdb import audit_t
+from .rdb import requests_t
+from .requests import COOPERATIVE_ATTR
+
+logger = logging.getLogger(__name__)
+
+# After a database error (say, the server has not created its tables yet), check again after:
+RETRY_AFTER = 60.0
+# Per-trial state kept by a pruner: a worker runs a few trials at a time, so this bounds memory.
+MAX_TRIALS_KEPT = 1024
+
+
+class HumanInTheLoopPruner(BasePruner):
+    """The wrapped pruner, plus: ``should_prune()`` is True once a human asked to end the trial.
+
+    Args:
+        wrapped: the pruner whose verdicts are kept; Optuna's default ``MedianPruner()`` if
+            None.
+        check_interval: the least number of seconds between two checks of the same trial (a
+            check is one small indexed query). The first ``should_prune()`` of each trial always
+            checks; 0 checks on every call. A request is seen at most this long after it was
+            made, plus the time to the next ``should_prune()``.
+
+    On its first ``should_prune()`` a trial is marked (trial system attr ``hitl:cooperative``),
+    and so is the study, once per process: that is how the server knows to ask this worker
+    rather than end the trial itself.
+    """
+
+    def __new__(cls, wrapped: BasePruner | None = None, **kwargs: Any) -> HumanInTheLoopPruner:
+        if cls is HumanInTheLoopPruner and isinstance(wrapped, HyperbandPruner):
+            cls = _HyperbandHumanInTheLoopPruner
+        return super().__new__(cls)
+
+    def __init__(self, wrapped: BasePruner | None = None, *, check_interval: float = 1.0) -> None:
+        if check_interval < 0:
+            raise ValueError(f"check_interval must be 0 or more seconds, not {check_interval}")
+        self.wrapped: BasePruner = wrapped if wrapped is not None else MedianPruner()
+        self.check_interval = check_interval
+        self._lock = threading.Lock()
+        self._trials: collections.OrderedDict[int, _Seen] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable like Optuna's own pruners; what was seen is not worth carrying.
+        return {"wrapped": self.wrapped, "check_interval": self.check_interval}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["wrapped"], check_interval=state["check_interval"])  # type: ignore[misc]
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if self.wrapped.prune(study, trial):
+            return True
+        channel = _channel(study)
+        if channel is None:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            seen = self._trials.get(trial._trial_id)
+            if seen is not None and (
+                seen.request is not None or now - seen.at < self.check_interval
+            ):
+                return seen.request is not None
+        request = channel.check(study._study_id, trial._trial_id, mark=seen is None)
+        with self._lock:
+            self._trials[trial._trial_id] = _Seen(now, request)
+            self._trials.move_to_end(trial._trial_id)
+            while len(self._trials) > MAX_TRIALS_KEPT:
+                self._trials.popitem(last=False)
+        if request is not None:
+            _log_request(trial.number, request)
+        return request is not None
+
+
+class _HyperbandHumanInTheLoopPruner(HumanInTheLoopPruner, HyperbandPruner):
+    """The wrapper around a HyperbandPruner, which Optuna must still recognise as one.
+
+    When ``study.pruner`` is a HyperbandPruner, Optuna hands the sampler only the trials of the
+    current trial's bracket (``optuna.pruners._filter_study``); these two methods keep that.
+    """
+
+    wrapped: HyperbandPruner
+
+    def _get_bracket_id(self, study: optuna.Study, trial: FrozenTrial) -> int:
+        return self.wrapped._get_bracket_id(study, trial)
+
+    def _create_bracket_study(self, study: optuna.Study, bracket_id: int) -> optuna.Study:
+        return self.wrapped._create_bracket_study(study, bracket_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    at: float
+    request: TrialState | None
+
+
+def requested_state(study: optuna.Study, trial: optuna.Trial | FrozenTrial | int) -> (
+    TrialState | None
+):
+    """The state a human asked for this trial (PRUNED or FAIL), or None; one query, unthrottled.
+
+    For loops that drive trials themselves (ask-and-tell). Like ``should_prune()`` with
+    :class:`HumanInTheLoopPruner`, it marks the trial as one whose worker reads requests.
+    """
+    channel = _channel(study)
+    if channel is None:
+        return None
+    return channel.check(study._study_id, _trial_id(study, trial), mark=True)
+
+
+def ask(study: optuna.Study, fixed_distributions: dict[str, Any] | None = None) -> optuna.Trial:
+    """``study.ask()``, and mark the new trial at once, so a human is heeded from its first step.
+
+    (Inside ``study.optimize`` Optuna calls a pruner only from ``should_prune()``, so there a
+    trial is marked on its first ``should_prune()``.)
+    """
+    trial = study.ask(fixed_distributions)
+    channel = _channel(study)
+    if channel is not None:
+        channel.mark(study._study_id, trial._trial_id)
+    return trial
+
+
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial | int,
+    values: float | Sequence[float] | None = None,
+    *,
+    state: TrialState | None = None,
+) -> FrozenTrial:
+    """``study.tell()`` that honours a human's request and never fails on a trial already ended.
+
+    If a human asked to end the trial, it is told PRUNED or FAIL as asked, whatever the
+    arguments. A trial someone else already finished (for example forced after the grace
+    period) is left as it is: ``skip_if_finished=True``. Returns the trial as stored.
+    """
+    requested = requested_state(study, trial)
+    if requested is not None:
+        values, state = None, requested
+    return study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+def _log_request(number: int, request: TrialState) -> None:
+    if request == TrialState.FAIL:
+        logger.warning(
+            "a human asked to FAIL trial %d: should_prune() returns True, and the trial is "
+            "recorded as FAIL (Optuna's own log line says pruned)", number,
+        )
+    else:
+        logger.info("a human asked to prune trial %d: should_prune() returns True", number)
+
+
+def _trial_id(study: optuna.Study, trial: optuna.Trial | FrozenTrial | int) -> int:
+    if isinstance(trial, int):
+        return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial)
+    return trial._trial_id
+
+
+class _Channel:
+    """One storage's line to the server's tables: marks, checks, and the cache refresh."""
+
+    def __init__(self, storage: BaseStorage, backend: RDBStorage) -> None:
+        self._storage = storage
+        self._engine: sa.Engine = backend.engine
+        self._lock = threading.Lock()
+        self._studies_marked: set[int] = set()
+        # Per study, the newest relabel (hitl_audit id) this process has read again.
+        self._relabel_seen: dict[int, int] = {}
+        self._retry_at = 0.0
+
+    def mark(self, study_id: int, trial_id: int) -> None:
+        try:
+            if study_id not in self._studies_marked:
+                self._storage.set_study_system_attr(study_id, COOPERATIVE_ATTR, True)
+                self._studies_marked.add(study_id)
+            self._storage.set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # someone ended the trial already: there is nothing left to ask
+
+    def check(self, study_id: int, trial_id: int, *, mark: bool) -> TrialState | None:
+        if mark:
+            self.mark(study_id, trial_id)
+        if time.monotonic() < self._retry_at:
+            return None
+        relabelled = (
+            sa.select(sa.func.max(audit_t.c.id))
+            .where(audit_t.c.study_id == study_id, audit_t.c.retroactive == sa.true())
+            .scalar_subquery()
+        )
+        request = (
+            sa.select(requests_t.c.target)
+            .where(requests_t.c.trial_id == trial_id)
+            .scalar_subquery()
+        )
+        try:
+            with self._engine.connect() as conn:
+                target, newest = conn.execute(sa.select(request, relabelled)).one()
+                with self._lock:
+                    seen = self._relabel_seen.get(study_id)
+                if newest is not None and (seen is None or newest > seen):
+                    self._refresh(conn, study_id, seen or 0, newest)
+        except sa.exc.SQLAlchemyError as exc:
+            self._retry_at = time.monotonic() + RETRY_AFTER
+            logger.warning(
+                "cannot read human requests (%s); is the hitl-pruner server installed on this "
+                "database? Trying again in %.0f s", str(exc).splitlines()[0], RETRY_AFTER,
+            )
+            return None
+        return TrialState[target] if target else None
+
+    def _refresh(self, conn: sa.Connection, study_id: int, after: int, newest: int) -> None:
+        """Read the trials relabelled since ``after`` again into Optuna's cache."""
+        rows = conn.execute(
+            sa.select(audit_t.c.trial_id)
+            .where(audit_t.c.study_id == study_id, audit_t.c.retroactive == sa.true())
+            .where(audit_t.c.id > after, audit_t.c.id <= newest)
+            .distinct()
+        )
+        refreshed = _refresh_cached_trials(self._storage, study_id, [r.trial_id for r in rows])
+        with self._lock:
+            self._relabel_seen[study_id] = max(newest, self._relabel_seen.get(study_id, 0))
+        if refreshed:
+            logger.info(
+                "read %d relabelled trial(s) of study id %d again: the sampler sees their new "
+                "state from the next trial on", refreshed, study_id,
+            )
+
+
+# One channel per storage object, shared by every pruner and helper using it, because the
+# cache it refreshes belongs to the storage.
+_channels: weakref.WeakKeyDictionary[BaseStorage, _Channel | None] = (
+    weakref.WeakKeyDictionary()
+)
+_channels_lock = threading.Lock()
+
+
+def _channel(study: optuna.Study) -> _Channel | None:
+    storage = study._storage
+    with _channels_lock:
+        try:
+            return _channels[storage]
+        except KeyError:
+            backend = _rdb_backend(storage)
+            channel = _Channel(storage, backend) if backend is not None else None
+            _channels[storage] = channel
+            return channel
+
+
+# --- Optuna internals (optuna 5.0; tests/test_worker.py has one test for each) ---------------
+
+
+def _rdb_backend(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage under a study's storage: Optuna wraps every RDBStorage in a cache."""
+    if isinstance(storage, _CachedStorage):
+        return storage._backend
+    if isinstance(storage, RDBStorage):
+        return storage
+    return None
+
+
+def _refresh_cached_trials(storage: BaseStorage, study_id: int, trial_ids: list[int]) -> int:
+    """Replace finished trials in ``_CachedStorage`` with their stored version; return how many.
+
+    The cache reads a trial again only while it is unfinished, so a relabelled finished trial
+    would keep its old state in this process until it restarts.
+    """
+    if not isinstance(storage, _CachedStorage) or not trial_ids:
+        return 0
+    fresh = []
+    for trial_id in trial_ids:
+        try:
+            fresh.append(storage._backend.get_trial(trial_id))
+        except KeyError:
+            continue  # deleted meanwhile
+    count = 0
+    with storage._lock:
+        info = storage._studies.get(study_id)
+        if info is None:
+            return 0
+        for trial in fresh:
+            cached = info.trials.get(trial.number)
+            if cached is not None and cached._trial_id == trial._trial_id and (
+                cached.state.is_finished()
+            ):
+                info.trials[trial.number] = trial
+                count += 1
+    return count
