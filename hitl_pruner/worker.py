@@ -50,6 +50,24 @@ RETRY_AFTER = 60.0
 # Per-trial state kept by a pruner: a worker runs a few trials at a time, so this bounds memory.
 MAX_TRIALS_KEPT = 1024
 
+# The check: the trial's open request, and the newest relabel in its study (the marker that
+# tells a worker its cache is stale). A primary-key lookup and an index lookup, one round trip;
+# built once, so a call only binds and runs it.
+_RELABELLED = (audit_t.c.study_id == sa.bindparam("study_id"),
+               audit_t.c.retroactive == sa.true())
+CHECK = sa.select(
+    sa.select(requests_t.c.target)
+    .where(requests_t.c.trial_id == sa.bindparam("trial_id"))
+    .scalar_subquery(),
+    sa.select(sa.func.max(audit_t.c.id)).where(*_RELABELLED).scalar_subquery(),
+)
+RELABELLED_SINCE = (
+    sa.select(audit_t.c.trial_id)
+    .where(*_RELABELLED)
+    .where(audit_t.c.id > sa.bindparam("after"), audit_t.c.id <= sa.bindparam("newest"))
+    .distinct()
+)
+
 
 class HumanInTheLoopPruner(BasePruner):
     """The wrapped pruner, plus: ``should_prune()`` is True once a human asked to end the trial.
@@ -221,19 +239,11 @@ class _Channel:
             self.mark(study_id, trial_id)
         if time.monotonic() < self._retry_at:
             return None
-        relabelled = (
-            sa.select(sa.func.max(audit_t.c.id))
-            .where(audit_t.c.study_id == study_id, audit_t.c.retroactive == sa.true())
-            .scalar_subquery()
-        )
-        request = (
-            sa.select(requests_t.c.target)
-            .where(requests_t.c.trial_id == trial_id)
-            .scalar_subquery()
-        )
         try:
             with self._engine.connect() as conn:
-                target, newest = conn.execute(sa.select(request, relabelled)).one()
+                target, newest = conn.execute(
+                    CHECK, {"trial_id": trial_id, "study_id": study_id}
+                ).one()
                 with self._lock:
                     seen = self._relabel_seen.get(study_id)
                 if newest is not None and (seen is None or newest > seen):
@@ -250,10 +260,7 @@ class _Channel:
     def _refresh(self, conn: sa.Connection, study_id: int, after: int, newest: int) -> None:
         """Read the trials relabelled since ``after`` again into Optuna's cache."""
         rows = conn.execute(
-            sa.select(audit_t.c.trial_id)
-            .where(audit_t.c.study_id == study_id, audit_t.c.retroactive == sa.true())
-            .where(audit_t.c.id > after, audit_t.c.id <= newest)
-            .distinct()
+            RELABELLED_SINCE, {"study_id": study_id, "after": after, "newest": newest}
         )
         refreshed = _refresh_cached_trials(self._storage, study_id, [r.trial_id for r in rows])
         with self._lock:

@@ -369,3 +369,19 @@ def test_grace_defaults_to_three_intervals_and_can_be_set() -> None:
     with pytest.raises(ConfigError, match="--grace"):
         resolve({"grace": -1}, {})
     assert app_for("sqlite:///:memory:", interval=4).applier.grace == 12
+
+
+def test_uninstall_removes_the_fail_trigger_and_the_requests_table(storage_url: str) -> None:
+    study, ids = make_study(storage_url)
+    app = app_for(storage_url, grace=60)
+    mark(storage_url, study._study_id, ids["running"])
+    save(app, study._study_id, ids["running"], 1, "FAIL")
+    app.store.uninstall()
+    engine = sa.create_engine(storage_url)
+    try:
+        assert "hitl_requests" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    # Optuna's own tell works as before, with nothing of ours left to turn PRUNED into FAIL.
+    study.tell(optuna.Trial(study, ids["running"]), state=S.PRUNED)
+    assert state(storage_url, ids["running"]) is S.PRUNED
