@@ -63,6 +63,35 @@ class CommandParser:
             return Command.FAIL
         return Command.PRUNE
 
+    def strip(self, note: str) -> str:
+        """The note without its command words, so that ``parse`` finds none (used by Undo).
+
+        A line left blank by the removal (a command on a line of its own) goes with it, and
+        trailing blank lines go too; other lines keep their text. A note without a command
+        comes back unchanged.
+        """
+        if self.parse(note) is None:
+            return note
+
+        def remove(text: str) -> str:
+            # Removing one word can expose another match: repeat until nothing changes.
+            for _ in range(8):
+                shorter = self._fail.sub("", self._prune.sub("", text))
+                if shorter == text:
+                    break
+                text = shorter
+            return text
+
+        lines = []
+        for line in note.split("\n"):
+            kept = remove(line)
+            if kept == line:
+                lines.append(line)
+            elif kept.strip():
+                lines.append(kept.rstrip())
+        # A user pattern may span lines; then the whole text is its unit.
+        return remove("\n".join(lines)).rstrip()
+
 
 def _last_match_end(pattern: re.Pattern[str], text: str) -> int | None:
     end = None
