@@ -20,6 +20,7 @@ from .middleware import HitlMiddleware
 from .rdb import InstallError
 from .rdb import SqlStore
 from .sweep import Sweeper
+from .ui import UiMiddleware
 
 logger = logging.getLogger("hitl_pruner")
 
@@ -47,8 +48,11 @@ def open_storage(settings: Settings) -> BaseStorage:
         ) from None
 
 
-def create_app(settings: Settings, *, autostart: bool = True) -> HitlMiddleware:
+def create_app(settings: Settings, *, autostart: bool = True) -> UiMiddleware:
     """The dashboard wrapped in our middleware; its sweep starts in the serving process.
+
+    The outer layer adds the browser side (buttons, toasts, the actions view) and passes
+    HitlMiddleware's attributes through: ``start_background``, ``sweeper``, ``store`` ...
 
     With ``autostart=False`` the sweep starts only through ``start_background()`` (the gunicorn
     hooks call it), or runs by hand with ``app.sweeper.run_once()``.
@@ -81,7 +85,7 @@ def create_app(settings: Settings, *, autostart: bool = True) -> HitlMiddleware:
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage
     ) else None
-    app = HitlMiddleware(
+    hitl = HitlMiddleware(
         dashboard_app,
         applier=applier,
         store=store,
@@ -94,4 +98,4 @@ def create_app(settings: Settings, *, autostart: bool = True) -> HitlMiddleware:
         f", studies {', '.join(settings.studies)}" if settings.studies else "",
         " (dry run)" if settings.dry_run else "",
     )
-    return app
+    return UiMiddleware(hitl, applier=applier)

@@ -1,0 +1,679 @@
+/* hitl-pruner in the browser: Prune/Fail buttons and outcome toasts inside optuna-dashboard,
+   and the Human actions page.
+
+   Inside the dashboard this script only reads and adds DOM; it never edits the dashboard's
+   files. It relies on:
+   - fetch: the dashboard's API client calls window.fetch for every request, so wrapping it
+     lets us read X-Hitl-Outcome from note saves and see which trial states the dashboard got;
+   - the trial view (TrialListDetail): an <h4> "Trial N (trial_id=T)" followed by a row whose
+     first chip is the trial's state, and the trial list, whose items are "Trial N" followed
+     by chips.
+
+   Why the stand-in chip: the dashboard refreshes a study every 2-10 s, and then only from its
+   first RUNNING or WAITING trial on; trials before that are never fetched again until the page
+   is reloaded. So a relabelled COMPLETE trial would keep its old chip. Until the dashboard's
+   own copy of the trial is fresh again, we hide its chip and show the state the server
+   reported. */
+(() => {
+  "use strict";
+
+  const SCRIPT = document.currentScript;
+  const PREFIX = SCRIPT
+    ? new URL(SCRIPT.src, location.href).pathname.replace(/\/hitl\/static\/hitl\.js$/, "")
+    : "";
+  const OUTCOME_HEADER = "X-Hitl-Outcome";
+  const NOTE_PATH = /^\/api\/studies\/(\d+)\/(\d+)\/note\/*$/;
+  const STUDY_PATH = /^\/api\/studies\/(\d+)\/*$/;
+  const TRIALS_PAGE = /^\/dashboard\/studies\/(\d+)\/trials\/*$/;
+  const DETAIL_TITLE = /^Trial (\d+) \(trial_id=(\d+)\)$/;
+  const LIST_TITLE = /^Trial (\d+)$/;
+  const LABELS = {
+    RUNNING: "Running",
+    WAITING: "Waiting",
+    COMPLETE: "Complete",
+    PRUNED: "Pruned",
+    FAIL: "Fail",
+  };
+
+  const realFetch = window.fetch.bind(window);
+
+  // trial_id -> {studyId, number, state: "Pruned", since}: states the server reported after a
+  // note save that the dashboard has not fetched since.
+  const overrides = new Map();
+  // `${trialId}:${state}` -> Promise of /hitl/api/studies/<sid>/<tid>, for the buttons.
+  const trialInfo = new Map();
+
+  const local = (url) => {
+    const u = new URL(url, location.href);
+    if (u.origin !== location.origin || !u.pathname.startsWith(PREFIX)) {
+      return null;
+    }
+    return u.pathname.slice(PREFIX.length);
+  };
+
+  /* -- toasts --------------------------------------------------------------------------- */
+
+  const toastBox = () => {
+    let box = document.querySelector(".hitl-toasts");
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "hitl-toasts";
+      box.setAttribute("role", "status");
+      box.setAttribute("aria-live", "polite");
+      document.body.appendChild(box);
+    }
+    return box;
+  };
+
+  const toast = ({ kind, action, title, detail, links }) => {
+    const el = document.createElement("div");
+    el.className = "hitl-toast";
+    el.dataset.kind = kind;
+    if (action) {
+      el.dataset.action = action;
+    }
+    const body = document.createElement("div");
+    body.className = "hitl-toast-body";
+    const titleEl = document.createElement("div");
+    titleEl.className = "hitl-toast-title";
+    titleEl.textContent = title;
+    body.appendChild(titleEl);
+    if (detail) {
+      const detailEl = document.createElement("div");
+      detailEl.className = "hitl-toast-detail";
+      detailEl.textContent = detail;
+      body.appendChild(detailEl);
+    }
+    if (links && links.length) {
+      const linksEl = document.createElement("div");
+      linksEl.className = "hitl-toast-links";
+      for (const link of links) {
+        let a;
+        if (link.href) {
+          a = document.createElement("a");
+          a.href = link.href;
+        } else {
+          a = document.createElement("button");
+          a.type = "button";
+          a.addEventListener("click", link.onClick);
+        }
+        a.textContent = link.text;
+        linksEl.appendChild(a);
+      }
+      body.appendChild(linksEl);
+    }
+    const close = document.createElement("button");
+    close.type = "button";
+    close.className = "hitl-toast-close";
+    close.setAttribute("aria-label", "Close");
+    close.textContent = "\u00d7";
+    close.addEventListener("click", () => el.remove());
+    el.append(body, close);
+    toastBox().appendChild(el);
+    const box = toastBox();
+    while (box.children.length > 4) {
+      box.firstElementChild.remove();
+    }
+    setTimeout(() => el.remove(), kind === "success" || kind === "info" ? 8000 : 15000);
+    return el;
+  };
+
+  const trialName = (number, trialId) =>
+    number !== undefined && number !== null ? `Trial ${number}` : `Trial id ${trialId}`;
+
+  // What a note save did, for a person: one toast per X-Hitl-Outcome.
+  const describe = (outcome, number) => {
+    const who = trialName(number, outcome.trial_id);
+    const change = outcome.from && outcome.to ? `${outcome.from} \u2192 ${outcome.to}` : "";
+    const actions = { text: "Human actions", href: `${PREFIX}/hitl/actions` };
+    // Plots, tables and notes of finished trials update only when the page loads again.
+    const reload = { text: "Reload page", onClick: () => location.reload() };
+    switch (outcome.action) {
+      case "applied":
+        return {
+          kind: "success",
+          title: `${who}: ${change}`,
+          detail: outcome.reason,
+          links: document.body.dataset.hitlPage === "actions" ? [] : [actions, reload],
+        };
+      case "requested":
+        return {
+          kind: "info",
+          title: `Requested from the worker: ${who} \u2192 ${outcome.to || "?"}`,
+          detail: `${outcome.reason}: it ends the trial at its next pruning check, or the server does after a grace period`,
+          links: [actions],
+        };
+      case "dry run":
+        return {
+          kind: "info",
+          title: `Dry run, nothing changed: ${who} would go ${change}`,
+          detail: outcome.reason,
+        };
+      case "refused":
+        return { kind: "warning", title: `Refused for ${who}`, detail: outcome.reason };
+      case "not monitored":
+        return { kind: "warning", title: `Not applied: ${who} is not monitored`, detail: outcome.reason };
+      case "nothing to do":
+        return { kind: "info", title: `Note saved: nothing to change for ${who}`, detail: outcome.reason };
+      case "lost race":
+        return {
+          kind: "warning",
+          title: `Not applied yet: ${who} changed meanwhile`,
+          detail: "the sweep looks at the note again in a moment",
+        };
+      case "error":
+        return { kind: "error", title: `Not applied yet for ${who}`, detail: outcome.reason };
+      default:
+        return { kind: "info", title: `${who}: ${outcome.action}`, detail: outcome.reason };
+    }
+  };
+
+  const showOutcome = (outcome, number) => {
+    toast({ action: outcome.action, ...describe(outcome, number) });
+  };
+
+  /* -- fetch: outcomes, fresh states, and the dashboard's 204 answers --------------------- */
+
+  const numberOf = (trialId) => {
+    for (const h of document.querySelectorAll("h4")) {
+      const m = DETAIL_TITLE.exec(h.textContent || "");
+      if (m && Number(m[2]) === trialId) {
+        return Number(m[1]);
+      }
+    }
+    const o = overrides.get(trialId);
+    return o ? o.number : undefined;
+  };
+
+  // Read the outcome of a saved trial note, show it, and remember a changed state.
+  const noteSaved = (studyId, trialId, response, number) => {
+    const raw = response.headers.get(OUTCOME_HEADER);
+    if (!raw) {
+      return null;
+    }
+    let outcome;
+    try {
+      outcome = JSON.parse(raw);
+    } catch (e) {
+      return null;
+    }
+    for (const key of trialInfo.keys()) {
+      if (key.startsWith(`${trialId}:`)) {
+        trialInfo.delete(key);
+      }
+    }
+    const num = number !== undefined ? number : numberOf(trialId);
+    if (outcome.action === "applied" && LABELS[outcome.to]) {
+      overrides.set(trialId, {
+        studyId,
+        number: num,
+        state: LABELS[outcome.to],
+        since: performance.now(),
+      });
+    }
+    showOutcome(outcome, num);
+    decorate();
+    return outcome;
+  };
+
+  // The dashboard fetched some of a study's trials: those now show the server's state.
+  const studyFetched = (studyId, response, started) => {
+    const waiting = [...overrides.values()].some((o) => o.studyId === studyId && o.since < started);
+    if (!waiting) {
+      return;
+    }
+    response
+      .clone()
+      .json()
+      .then((data) => {
+        for (const trial of data.trials || []) {
+          const o = overrides.get(trial.trial_id);
+          if (o && o.since < started) {
+            overrides.delete(trial.trial_id);
+          }
+        }
+        // The dashboard renders the same answer; look again once it has.
+        setTimeout(decorate, 50);
+      })
+      .catch(() => {});
+  };
+
+  window.fetch = async function hitlFetch(input, init) {
+    const url = input instanceof Request ? input.url : String(input);
+    const method = ((init && init.method) || (input instanceof Request ? input.method : "GET"))
+      .toUpperCase();
+    const started = performance.now();
+    const response = await realFetch(input, init);
+    const path = local(url);
+    if (path === null || !path.startsWith("/api/")) {
+      return response;
+    }
+    try {
+      const note = NOTE_PATH.exec(path);
+      const study = STUDY_PATH.exec(path);
+      if (note && method === "PUT" && response.status === 204) {
+        noteSaved(Number(note[1]), Number(note[2]), response);
+      } else if (response.headers.has(OUTCOME_HEADER)) {
+        // e.g. the dashboard's Fail Trial button, which hitl-pruner handles too.
+        const outcome = JSON.parse(response.headers.get(OUTCOME_HEADER));
+        showOutcome(outcome, numberOf(outcome.trial_id));
+      } else if (study && method === "GET" && response.ok) {
+        studyFetched(Number(study[1]), response, started);
+      }
+    } catch (e) {
+      // Never let our bookkeeping break the dashboard's request.
+    }
+    if (response.status === 204) {
+      // optuna-dashboard 0.21's API client parses every answer as JSON, and its 204 answers
+      // have no body: without this, saving a note, telling a trial or deleting an artifact
+      // throws in the browser, with or without hitl-pruner. We hand it an empty object.
+      return new Response("{}", {
+        status: 200,
+        statusText: "OK",
+        headers: response.headers,
+      });
+    }
+    return response;
+  };
+
+  /* -- the buttons ------------------------------------------------------------------------ */
+
+  const getTrialInfo = (studyId, trialId, state, fresh) => {
+    const key = `${trialId}:${state}`;
+    if (fresh || !trialInfo.has(key)) {
+      const promise = realFetch(`${PREFIX}/hitl/api/studies/${studyId}/${trialId}`, {
+        headers: { Accept: "application/json" },
+        cache: "no-store",
+      }).then(async (res) => {
+        const data = await res.json().catch(() => ({}));
+        if (!res.ok) {
+          throw new Error(data.reason || `${res.status} ${res.statusText}`);
+        }
+        return data;
+      });
+      trialInfo.set(key, promise);
+      promise.catch(() => trialInfo.delete(key));
+    }
+    return trialInfo.get(key);
+  };
+
+  const withCommand = (body, text) => {
+    const kept = body.replace(/\s+$/, "");
+    return kept ? `${kept}\n\n${text}` : text;
+  };
+
+  // Write the command into the trial's note, as the note editor would: the dashboard's note
+  // API, the stored version + 1, so a concurrent edit gets the dashboard's 409.
+  const act = async (bar, studyId, trialId, command) => {
+    const buttons = bar.querySelectorAll("button");
+    buttons.forEach((b) => {
+      b.disabled = true;
+    });
+    try {
+      const info = await getTrialInfo(studyId, trialId, bar.dataset.state, true);
+      const cmd = info.commands[command];
+      const note = { version: info.note.version + 1, body: withCommand(info.note.body, cmd.text) };
+      const res = await realFetch(`${PREFIX}/api/studies/${studyId}/${trialId}/note`, {
+        method: "PUT",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(note),
+      });
+      if (res.status === 204) {
+        noteSaved(studyId, trialId, res, info.number);
+        return;
+      }
+      const data = await res.json().catch(() => ({}));
+      toast({
+        kind: "error",
+        action: "failed",
+        title: `Failed: ${data.reason || `${res.status} ${res.statusText}`}`,
+      });
+    } catch (e) {
+      toast({ kind: "error", action: "failed", title: "Failed to save the note", detail: String(e) });
+    } finally {
+      buttons.forEach((b) => {
+        b.disabled = false;
+      });
+      bar.dataset.key = "";
+      decorate();
+    }
+  };
+
+  const renderBar = (bar, studyId, trialId, state) => {
+    const key = `${trialId}:${state}`;
+    if (bar.dataset.key === key) {
+      return;
+    }
+    bar.dataset.key = key;
+    bar.dataset.trial = String(trialId);
+    bar.dataset.state = state;
+    getTrialInfo(studyId, trialId, state, false)
+      .then((info) => {
+        if (bar.dataset.key !== key) {
+          return;
+        }
+        const parts = [];
+        const label = document.createElement("span");
+        label.className = "hitl-bar-label";
+        label.textContent = "Human decision:";
+        parts.push(label);
+        const refused = new Set();
+        for (const [command, cls] of [
+          ["PRUNE", "hitl-btn-prune"],
+          ["FAIL", "hitl-btn-fail"],
+        ]) {
+          const c = info.commands[command];
+          if (c.allowed) {
+            const b = document.createElement("button");
+            b.type = "button";
+            b.className = `hitl-btn ${cls}`;
+            b.dataset.command = command;
+            b.textContent = command === "PRUNE" ? "Prune" : "Fail";
+            b.title = `Write ${c.text} into this trial's note: ${c.reason} (${state} \u2192 ${LABELS[c.to]})`;
+            b.addEventListener("click", () => act(bar, studyId, trialId, command));
+            parts.push(b);
+          } else if (c.action === "refused") {
+            refused.add(c.reason);
+          }
+        }
+        if (parts.length === 1) {
+          label.textContent = "Human decision: none possible.";
+        }
+        const hints = [...refused];
+        if (info.dry_run) {
+          hints.unshift("dry run: nothing will change");
+        }
+        if (hints.length) {
+          const hint = document.createElement("span");
+          hint.className = "hitl-bar-hint";
+          hint.textContent = hints.join("; ");
+          parts.push(hint);
+        }
+        const link = document.createElement("a");
+        link.href = `${PREFIX}/hitl/actions`;
+        link.textContent = "Human actions";
+        parts.push(link);
+        bar.replaceChildren(...parts);
+      })
+      .catch((e) => {
+        if (bar.dataset.key === key) {
+          bar.replaceChildren();
+          bar.dataset.key = "";
+        }
+        console.warn("hitl-pruner: no buttons for trial", trialId, String(e));
+      });
+  };
+
+  /* -- decorating the dashboard's trial view ------------------------------------------------- */
+
+  // Show our chip for an overridden trial in place of the dashboard's stale ones.
+  const standIn = (container, override, small) => {
+    let ours = container.querySelector(":scope > .hitl-chip");
+    const chips = container.querySelectorAll(":scope > .MuiChip-root");
+    chips.forEach((chip, i) => {
+      // A trial that is not COMPLETE is no best trial: hide that chip too.
+      const hide = !!override && (i === 0 || override.state !== "Complete");
+      if (chip.classList.contains("hitl-hidden") !== hide) {
+        chip.classList.toggle("hitl-hidden", hide);
+      }
+    });
+    // The dashboard's "Fail Trial" button is for the RUNNING trial it still believes in.
+    for (const button of container.querySelectorAll(":scope > button")) {
+      if (button.classList.contains("hitl-hidden") !== !!override) {
+        button.classList.toggle("hitl-hidden", !!override);
+      }
+    }
+    if (!override) {
+      if (ours) {
+        ours.remove();
+      }
+      return;
+    }
+    if (!ours) {
+      ours = document.createElement("span");
+      ours.className = small ? "hitl-chip hitl-chip-small" : "hitl-chip";
+      container.insertBefore(ours, container.firstChild);
+    }
+    if (ours.textContent !== override.state) {
+      ours.textContent = override.state;
+      ours.dataset.state = override.state.toLowerCase();
+    }
+  };
+
+  const decorateDetail = (title, studyId, trialId) => {
+    const row = title.nextElementSibling;
+    if (!row || row.classList.contains("hitl-bar")) {
+      return;
+    }
+    const override = overrides.get(trialId);
+    standIn(row, override, false);
+    const chip = row.querySelector(":scope > .MuiChip-root");
+    const state = override ? override.state : chip ? chip.textContent : "";
+    if (!LABELS[state.toUpperCase()]) {
+      return;
+    }
+    let bar = row.nextElementSibling;
+    if (!bar || !bar.classList.contains("hitl-bar")) {
+      bar = document.createElement("div");
+      bar.className = "hitl-bar";
+      row.after(bar);
+    }
+    renderBar(bar, studyId, trialId, state);
+  };
+
+  const decorateListItem = (primary, studyId, number) => {
+    const item = primary.closest(".MuiListItemButton-root");
+    const text = primary.closest(".MuiListItemText-root");
+    const chips = text && text.nextElementSibling;
+    if (!item || !chips) {
+      return;
+    }
+    let override = null;
+    for (const o of overrides.values()) {
+      if (o.studyId === studyId && o.number === number) {
+        override = o;
+      }
+    }
+    standIn(chips, override, true);
+  };
+
+  const syncTheme = () => {
+    const bg = getComputedStyle(document.body).backgroundColor;
+    const rgba = (bg.match(/[\d.]+/g) || []).map(Number);
+    if (rgba.length < 3 || (rgba.length === 4 && rgba[3] === 0)) {
+      return; // nothing painted yet: the system preference stands
+    }
+    const luminance = 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2];
+    const theme = luminance < 128 ? "dark" : "light";
+    if (document.documentElement.dataset.hitlTheme !== theme) {
+      document.documentElement.dataset.hitlTheme = theme;
+    }
+  };
+
+  const decorate = () => {
+    const path = local(location.href);
+    const page = path && TRIALS_PAGE.exec(path);
+    if (!page) {
+      return;
+    }
+    const studyId = Number(page[1]);
+    for (const title of document.querySelectorAll("h4")) {
+      const m = DETAIL_TITLE.exec(title.textContent || "");
+      if (m) {
+        decorateDetail(title, studyId, Number(m[2]));
+      }
+    }
+    for (const primary of document.querySelectorAll(".MuiListItemText-primary")) {
+      const m = LIST_TITLE.exec(primary.textContent || "");
+      if (m) {
+        decorateListItem(primary, studyId, Number(m[1]));
+      }
+    }
+  };
+
+  // Another tab, the sweep or a worker may change an overridden trial again: every few
+  // seconds, ask the server for the state of the trials we stand in for.
+  const recheck = () => {
+    for (const [trialId, o] of overrides) {
+      realFetch(`${PREFIX}/hitl/api/studies/${o.studyId}/${trialId}`, { cache: "no-store" })
+        .then((res) => (res.ok ? res.json() : null))
+        .then((info) => {
+          const label = info && LABELS[info.state];
+          if (label && overrides.get(trialId) === o && o.state !== label) {
+            overrides.set(trialId, { ...o, state: label });
+            decorate();
+          }
+        })
+        .catch(() => {});
+    }
+  };
+
+  /* -- the Human actions page ---------------------------------------------------------------- */
+
+  const cell = (row, content, className) => {
+    const td = document.createElement("td");
+    if (className) {
+      td.className = className;
+    }
+    if (content instanceof Node) {
+      td.appendChild(content);
+    } else {
+      td.textContent = content;
+    }
+    row.appendChild(td);
+    return td;
+  };
+
+  const stateEl = (state) => {
+    const span = document.createElement("span");
+    span.className = "hitl-state";
+    span.dataset.state = state.toLowerCase();
+    span.textContent = state;
+    return span;
+  };
+
+  const undo = async (action, button) => {
+    button.disabled = true;
+    try {
+      const res = await realFetch(`${PREFIX}/hitl/api/actions/${action.id}/undo`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: "{}",
+      });
+      const data = await res.json().catch(() => ({}));
+      if (res.ok && data.outcome) {
+        showOutcome(data.outcome, action.trial_number);
+      } else {
+        toast({
+          kind: "error",
+          action: "failed",
+          title: `Undo failed: ${data.reason || `${res.status} ${res.statusText}`}`,
+        });
+      }
+    } catch (e) {
+      toast({ kind: "error", action: "failed", title: "Undo failed", detail: String(e) });
+    }
+    await loadActions();
+  };
+
+  const renderActions = (tbody, actions) => {
+    const rows = actions.map((a) => {
+      const tr = document.createElement("tr");
+      tr.dataset.id = a.id === null ? "" : String(a.id);
+      tr.dataset.trial = String(a.trial_id);
+      const time = new Date(a.time);
+      cell(tr, time.toLocaleString()).title = a.time;
+      cell(tr, a.user || "\u2014");
+      cell(tr, `${a.study_name}`).title = `study_id=${a.study_id}`;
+      const link = document.createElement("a");
+      link.href = `${PREFIX}/dashboard/studies/${a.study_id}/trials?numbers=${a.trial_number}`;
+      link.textContent = `Trial ${a.trial_number}`;
+      link.title = `trial_id=${a.trial_id}`;
+      cell(tr, link);
+      const change = document.createElement("span");
+      change.append(stateEl(a.from), " \u2192 ", stateEl(a.to));
+      for (const [flag, text] of [
+        [a.undo, "undo"],
+        [a.retroactive && !a.undo, "retroactive"],
+      ]) {
+        if (flag) {
+          const tag = document.createElement("span");
+          tag.className = "hitl-tag";
+          tag.textContent = text;
+          change.appendChild(tag);
+        }
+      }
+      cell(tr, change, "hitl-change");
+      cell(tr, a.state_now ? stateEl(a.state_now) : "\u2014");
+      cell(tr, a.note_version === null ? "\u2014" : `v${a.note_version}`);
+      const via = cell(tr, a.source, "hitl-muted");
+      if (a.how && a.how !== "forced") {
+        via.textContent = `${a.source}, ${a.how === "worker" ? "by its worker" : "after grace"}`;
+      }
+      const actionCell = cell(tr, "");
+      if (a.undoable) {
+        const b = document.createElement("button");
+        b.type = "button";
+        b.className = "hitl-btn hitl-btn-undo";
+        b.textContent = "Undo";
+        b.title = `Remove the command from the note: ${a.to} \u2192 ${a.from}`;
+        b.addEventListener("click", () => undo(a, b));
+        actionCell.appendChild(b);
+      } else if (a.retroactive && !a.undo && a.undo_refused) {
+        actionCell.textContent = "\u2014";
+        actionCell.title = `No undo: ${a.undo_refused}`;
+        actionCell.className = "hitl-muted";
+      }
+      return tr;
+    });
+    tbody.replaceChildren(...rows);
+  };
+
+  let loading = null;
+  const loadActions = () => {
+    const tbody = document.getElementById("hitl-actions");
+    if (!loading) {
+      loading = realFetch(`${PREFIX}/hitl/api/actions?limit=200`, { cache: "no-store" })
+        .then(async (res) => {
+          const data = await res.json().catch(() => ({}));
+          if (!res.ok) {
+            throw new Error(data.reason || `${res.status} ${res.statusText}`);
+          }
+          renderActions(tbody, data.actions);
+          document.getElementById("hitl-empty").hidden = data.actions.length > 0;
+          document.body.dataset.loaded = "true";
+        })
+        .catch((e) => {
+          toast({ kind: "error", action: "failed", title: "Cannot load the actions", detail: String(e) });
+        })
+        .finally(() => {
+          loading = null;
+        });
+    }
+    return loading;
+  };
+
+  /* -- start ------------------------------------------------------------------------------------ */
+
+  if (document.body.dataset.hitlPage === "actions") {
+    loadActions();
+    setInterval(() => {
+      if (document.visibilityState === "visible") {
+        loadActions();
+      }
+    }, 5000);
+    return;
+  }
+  new MutationObserver(decorate).observe(document.body, {
+    childList: true,
+    subtree: true,
+    characterData: true,
+  });
+  // The dashboard starts light and turns dark after its first render when the system prefers
+  // dark, and its colour-mode switch only restyles: no DOM change to observe. So look.
+  document.addEventListener("click", () => requestAnimationFrame(syncTheme), true);
+  setInterval(syncTheme, 500);
+  setInterval(recheck, 5000);
+  syncTheme();
+  decorate();
+})();

@@ -1,0 +1,475 @@
+"""The dashboard's human side: Prune/Fail buttons, outcome toasts, and the Human actions view.
+
+``UiMiddleware`` wraps :class:`~hitl_pruner.middleware.HitlMiddleware`, so a note it saves goes
+through the same note-save path as one typed in the dashboard. It answers:
+
+``GET /dashboard...``
+    The dashboard's page, with ``<link href=/hitl/static/hitl.css>`` and
+    ``<script src=/hitl/static/hitl.js defer>`` added to its head. Both are same-origin, which
+    the dashboard's Content-Security-Policy (kept as it is) allows. The files on disk are not
+    touched.
+``GET /hitl/static/<file>``
+    The files of ``hitl_pruner/static``.
+``GET /hitl/actions``
+    The Human actions page: the audit, newest first, with an Undo for retroactive relabels.
+``GET /hitl/api/actions?limit=100``
+    The audit as JSON, newest first: ``{"actions": [...], "limit": n}``. Each action is an
+    :meth:`AuditEntry.to_json` plus ``state_now`` (the trial's state now), ``undoable`` and
+    ``undo_refused`` (why not, or null). ``limit`` is 1 to 1000.
+``GET /hitl/api/studies/<study_id>/<trial_id>``
+    The trial's state and note, and for each command whether a note carrying it would change
+    the trial (the applier's own rules): what the buttons show.
+``POST /hitl/api/actions/<id>/undo``
+    Removes the command words from the trial's note and saves the next version through
+    ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.
+    Answers ``{"outcome": ..., "note": ...}`` with the ``X-Hitl-Outcome`` header, or the
+    dashboard's 409 when the note changed meanwhile. It needs ``Content-Type:
+    application/json``: a cross-site form cannot send that, so no other site can undo for you.
+
+Every other request goes to the wrapped app untouched. Attributes this class does not have
+(``start_background``, ``stop_background``, ``sweeper``, ``store``, ``app`` ...) are the
+wrapped middleware's, so ``create_app`` can return it in HitlMiddleware's place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import logging
+import mimetypes
+from pathlib import Path
+import re
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Iterable
+from urllib.parse import parse_qs
+
+from optuna.trial import TrialState
+
+from .applier import Applier
+from .audit import AuditEntry
+from .commands import Command
+from .middleware import OUTCOME_HEADER
+from .store import Note
+from .store import TrialRef
+from .transitions import Action
+from .transitions import decide
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIApplication
+    from _typeshed.wsgi import WSGIEnvironment
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# The dashboard serves its single-page app for every path under /dashboard.
+DASHBOARD_PAGE = re.compile(r"^/dashboard(/.*)?$")
+STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)$")
+TRIAL_PATH = re.compile(r"^/hitl/api/studies/(\d+)/(\d+)$")
+UNDO_PATH = re.compile(r"^/hitl/api/actions/(\d+)/undo$")
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+# Undo looks its action up among this many newest ones; an older one was superseded anyway
+# unless the audit grew by that much since.
+UNDO_SEARCH = 5000
+PAGE_CSP = ";".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "frame-ancestors 'self'",
+    ]
+)
+# Kept from the request when Undo calls the note-save path on its behalf.
+FORWARDED_KEYS = (
+    "SCRIPT_NAME",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "SERVER_PROTOCOL",
+    "REMOTE_ADDR",
+    "REMOTE_USER",
+    "HTTP_HOST",
+    "wsgi.version",
+    "wsgi.url_scheme",
+    "wsgi.errors",
+    "wsgi.multithread",
+    "wsgi.multiprocess",
+    "wsgi.run_once",
+)
+
+
+class _Static:
+    def __init__(self, data: bytes, content_type: str) -> None:
+        self.data = data
+        self.content_type = content_type
+        self.etag = f'"{hashlib.sha256(data).hexdigest()[:20]}"'
+
+
+def _load_static(directory: Path) -> dict[str, _Static]:
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file():
+            continue
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        files[path.name] = _Static(path.read_bytes(), content_type)
+    return files
+
+
+class UiMiddleware:
+    """Serve hitl-pruner's pages, API and static files around ``HitlMiddleware``."""
+
+    def __init__(
+        self,
+        application: WSGIApplication,
+        *,
+        applier: Applier,
+        static_dir: Path = STATIC_DIR,
+    ) -> None:
+        self.application = application
+        self.applier = applier
+        self._static = _load_static(static_dir)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "application":  # not set yet: no wrapped app to ask
+            raise AttributeError(name)
+        return getattr(self.application, name)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path.startswith("/hitl/"):
+            if path == "/hitl/actions/":
+                # The page's links are relative to /hitl/actions.
+                location = environ.get("SCRIPT_NAME", "").rstrip("/") + "/hitl/actions"
+                start_response("301 Moved Permanently", [("Location", location),
+                                                         ("Content-Length", "0")])
+                return []
+            try:
+                return self._hitl(environ, start_response, method, path.rstrip("/"))
+            except Exception:
+                logger.exception("%s %s failed", method, path)
+                return _json(start_response, "500 Internal Server Error",
+                             {"reason": "internal server error"})
+        if method in ("GET", "HEAD") and DASHBOARD_PAGE.match(path):
+            return self._page(environ, start_response, method)
+        return self.application(environ, start_response)
+
+    def _hitl(
+        self, environ: WSGIEnvironment, start_response: StartResponse, method: str, path: str
+    ) -> Iterable[bytes]:
+        static = STATIC_PATH.match(path)
+        if static or path == "/hitl/actions":
+            if method not in ("GET", "HEAD"):
+                return _not_allowed(start_response, "GET, HEAD")
+            name = static[1] if static else "actions.html"
+            return self._file(environ, start_response, name, page=not static)
+        if path == "/hitl/api/actions":
+            if method != "GET":
+                return _not_allowed(start_response, "GET")
+            return self._actions(environ, start_response)
+        trial = TRIAL_PATH.match(path)
+        if trial:
+            if method != "GET":
+                return _not_allowed(start_response, "GET")
+            return self._trial(start_response, int(trial[1]), int(trial[2]))
+        undo = UNDO_PATH.match(path)
+        if undo:
+            if method != "POST":
+                return _not_allowed(start_response, "POST")
+            return self._undo(environ, start_response, int(undo[1]))
+        return _json(start_response, "404 Not Found", {"reason": f"no such page: {path}"})
+
+    # -- the dashboard's page -------------------------------------------------------------
+
+    def _page(
+        self, environ: WSGIEnvironment, start_response: StartResponse, method: str
+    ) -> Iterable[bytes]:
+        inner = dict(environ)
+        # Always fetch the whole page: a 304 or a range of it would skip the injection.
+        for key in ("HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"):
+            inner.pop(key, None)
+        inner["REQUEST_METHOD"] = "GET"
+        status, headers, exc_info, body = _capture(self.application, inner)
+        header_names = {name.lower(): value for name, value in headers}
+        if (
+            not status.startswith("200")
+            or not header_names.get("content-type", "").startswith("text/html")
+            or "content-encoding" in header_names
+        ):
+            start_response(status, headers, exc_info)
+            return [] if method == "HEAD" else [body]
+        page = _inject(body, html.escape(environ.get("SCRIPT_NAME", "").rstrip("/")))
+        kept = [
+            (name, value) for name, value in headers
+            if name.lower() not in ("content-length", "etag", "last-modified", "accept-ranges")
+        ]
+        kept += [("Content-Length", str(len(page))), ("Cache-Control", "no-cache")]
+        start_response(status, kept)
+        return [] if method == "HEAD" else [page]
+
+    def _file(
+        self, environ: WSGIEnvironment, start_response: StartResponse, name: str, *, page: bool
+    ) -> Iterable[bytes]:
+        static = self._static.get(name)
+        if static is None:
+            return _json(start_response, "404 Not Found", {"reason": f"no such file: {name}"})
+        headers = [("ETag", static.etag), ("Cache-Control", "no-cache")]
+        if page:
+            headers.append(("Content-Security-Policy", PAGE_CSP))
+        if static.etag in environ.get("HTTP_IF_NONE_MATCH", ""):
+            start_response("304 Not Modified", headers)
+            return []
+        headers += [
+            ("Content-Type", static.content_type),
+            ("Content-Length", str(len(static.data))),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        start_response("200 OK", headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [static.data]
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def _actions(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        raw = query.get("limit", [str(DEFAULT_LIMIT)])[-1]
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LIMIT:
+            reason = f"limit must be an integer from 1 to {MAX_LIMIT}, not {raw!r}"
+            return _json(start_response, "400 Bad Request", {"reason": reason})
+        store = self.applier.store
+        entries = store.audit(limit)
+        now = store.trials({e.trial_id for e in entries})
+        seen: set[int] = set()
+        actions = []
+        for entry in entries:  # newest first: the first one of a trial is its latest change
+            ref = now.get(entry.trial_id)
+            refused = self._undo_refused(entry, ref, superseded=entry.trial_id in seen)
+            seen.add(entry.trial_id)
+            actions.append(
+                {
+                    **entry.to_json(),
+                    "state_now": ref.state.name if ref is not None else None,
+                    "undoable": refused is None,
+                    "undo_refused": refused,
+                }
+            )
+        return _json(start_response, "200 OK", {"actions": actions, "limit": limit})
+
+    def _trial(
+        self, start_response: StartResponse, study_id: int, trial_id: int
+    ) -> Iterable[bytes]:
+        store = self.applier.store
+        ref = store.trials([trial_id]).get(trial_id)
+        if ref is None or ref.study_id != study_id:
+            reason = f"study_id={study_id} has no trial with trial_id={trial_id}"
+            return _json(start_response, "404 Not Found", {"reason": reason})
+        note = store.notes(study_id, [trial_id]).get(trial_id, Note(0, ""))
+        return _json(
+            start_response,
+            "200 OK",
+            {
+                "trial_id": ref.trial_id,
+                "study_id": ref.study_id,
+                "study_name": ref.study_name,
+                "number": ref.number,
+                "state": ref.state.name,
+                "note": {"version": note.version, "body": note.body},
+                "dry_run": self.applier.dry_run,
+                "commands": self._commands(ref),
+            },
+        )
+
+    def _commands(self, ref: TrialRef) -> dict[str, dict[str, Any]]:
+        """What a note ending in each command would do to this trial, by the applier's rules.
+
+        ``text`` is what a button appends to the note; ``action`` is the applier's verdict
+        ("applied", "requested", "nothing to do" or "refused"), and ``allowed`` says whether
+        the trial would change (or its worker be asked to change it).
+        """
+        applier = self.applier
+        store = applier.store
+        monitored = applier.monitors(ref.study_name)
+        last = (
+            store.last_changes([ref.trial_id]).get(ref.trial_id)
+            if monitored and applier.needs_history(ref) else None
+        )
+        # As the applier does: only a running trial has a worker to ask.
+        worker = store.worker(ref) if monitored and ref.state == TrialState.RUNNING else None
+        commands = {}
+        for command in Command:
+            text = command.value
+            if not monitored:
+                action, reason = "refused", f"study {ref.study_name!r} is outside --study"
+            elif applier.parser.parse(text) is not command:
+                action = "refused"
+                reason = f"the configured patterns do not read {text!r} as {command.value}"
+            else:
+                decision = decide(
+                    ref.state,
+                    command,
+                    last,
+                    retroactive_allowed=applier.retroactive,
+                    retroactive_supported=store.retroactive_supported,
+                    worker=worker,
+                )
+                action, reason = decision.action.value, decision.reason
+            commands[command.value] = {
+                "allowed": action in (Action.APPLY.value, Action.ASK.value),
+                "action": action,
+                "reason": reason,
+                "text": text,
+                "to": command.target.name,
+            }
+        return commands
+
+    def _undo_refused(
+        self, entry: AuditEntry, ref: TrialRef | None, *, superseded: bool
+    ) -> str | None:
+        """Why this action cannot be undone, or None when it can."""
+        applier = self.applier
+        if entry.id is None:
+            return "this storage keeps no action ids"
+        if entry.undo:
+            return "this action is itself an undo"
+        if not entry.retroactive:
+            return f"a trial ended while {entry.from_state.name} stays ended"
+        if superseded:
+            return "a newer action changed this trial"
+        if ref is None:
+            return "the trial no longer exists"
+        if ref.state != entry.to_state:
+            return f"the trial is {ref.state.name} now, not {entry.to_state.name}"
+        if not applier.monitors(ref.study_name):
+            return f"study {ref.study_name!r} is outside --study"
+        if not applier.store.retroactive_supported:
+            return "this storage cannot change a finished trial"
+        if not applier.retroactive:
+            return "retroactive changes are off (--active-only)"
+        return None
+
+    def _undo(
+        self, environ: WSGIEnvironment, start_response: StartResponse, audit_id: int
+    ) -> Iterable[bytes]:
+        if not environ.get("CONTENT_TYPE", "").startswith("application/json"):
+            reason = "send Content-Type: application/json (a plain form post is refused)"
+            return _json(start_response, "415 Unsupported Media Type", {"reason": reason})
+        store = self.applier.store
+        entries = store.audit(UNDO_SEARCH)
+        position = next((i for i, e in enumerate(entries) if e.id == audit_id), None)
+        if position is None:
+            reason = f"no action with id {audit_id} among the newest {UNDO_SEARCH}"
+            return _json(start_response, "404 Not Found", {"reason": reason})
+        entry = entries[position]
+        superseded = any(e.trial_id == entry.trial_id for e in entries[:position])
+        ref = store.trials([entry.trial_id]).get(entry.trial_id)
+        refused = self._undo_refused(entry, ref, superseded=superseded)
+        if refused is not None:
+            return _json(start_response, "409 Conflict", {"reason": f"cannot undo: {refused}"})
+        note = store.notes(entry.study_id, [entry.trial_id]).get(entry.trial_id, Note(0, ""))
+        saved = Note(note.version + 1, self.applier.parser.strip(note.body))
+        status, headers, _, body = self._save_note(environ, entry, saved)
+        outcome = next((v for k, v in headers if k == OUTCOME_HEADER), None)
+        if not status.startswith("204"):
+            # The dashboard's answer, e.g. 409 when the note changed since we read it.
+            passed = [(k, v) for k, v in headers if k.lower() in ("content-type", "content-length")]
+            start_response(status, passed)
+            return [body]
+        payload = {
+            "outcome": json.loads(outcome) if outcome else None,
+            "note": {"version": saved.version, "body": saved.body},
+        }
+        extra = [(OUTCOME_HEADER, outcome)] if outcome else []
+        return _json(start_response, "200 OK", payload, extra)
+
+    def _save_note(
+        self, environ: WSGIEnvironment, entry: AuditEntry, note: Note
+    ) -> tuple[str, list[tuple[str, str]], Any, bytes]:
+        """Save the note as the dashboard would: through the wrapped app's note API."""
+        data = json.dumps({"version": note.version, "body": note.body}).encode()
+        put: dict[str, Any] = {key: environ[key] for key in FORWARDED_KEYS if key in environ}
+        put.update(
+            {
+                "REQUEST_METHOD": "PUT",
+                "PATH_INFO": f"/api/studies/{entry.study_id}/{entry.trial_id}/note",
+                "QUERY_STRING": "",
+                "CONTENT_TYPE": "application/json",
+                "CONTENT_LENGTH": str(len(data)),
+                "wsgi.input": io.BytesIO(data),
+                "hitl_pruner.undo": entry.id,
+            }
+        )
+        return _capture(self.application, put)
+
+
+def _inject(page: bytes, prefix: str) -> bytes:
+    """Link our stylesheet and script at the top of the head, ahead of the dashboard's bundle.
+
+    Deferred scripts run in document order, so ours wraps ``fetch`` before the bundle uses it.
+    """
+    tags = (
+        f'<link rel="stylesheet" href="{prefix}/hitl/static/hitl.css">'
+        f'<script defer src="{prefix}/hitl/static/hitl.js"></script>'
+    ).encode()
+    head = re.search(rb"<head\b[^>]*>", page, re.IGNORECASE)
+    if head is None:
+        logger.warning("the dashboard's page has no <head>; the hitl-pruner UI is not added")
+        return page
+    return page[: head.end()] + tags + page[head.end() :]
+
+
+def _capture(
+    app: WSGIApplication, environ: WSGIEnvironment
+) -> tuple[str, list[tuple[str, str]], Any, bytes]:
+    """Call a WSGI app and return its status, headers, exc_info and whole body."""
+    captured: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured.update(status=status, headers=list(headers), exc_info=exc_info)
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return captured["status"], captured["headers"], captured["exc_info"], body
+
+
+def _json(
+    start_response: StartResponse,
+    status: str,
+    payload: dict[str, Any],
+    extra: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    data = json.dumps(payload).encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            *(extra or []),
+        ],
+    )
+    return [data]
+
+
+def _not_allowed(start_response: StartResponse, allow: str) -> list[bytes]:
+    return _json(
+        start_response, "405 Method Not Allowed",
+        {"reason": f"method not allowed; use {allow}"}, [("Allow", allow)],
+    )
