@@ -34,6 +34,8 @@ from processes import gunicorn_server
 from processes import wait_for
 import pytest
 
+from hitl_pruner.requests import COOPERATIVE_ATTR
+
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = os.environ.get("HITL_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -341,6 +343,16 @@ def test_the_dashboard_still_works_around_us_in_dark_mode(
         type_note(page, "looks fine")
         page.locator(".hitl-toast[data-action='nothing to do']").wait_for()
         page.get_by_text("Success to save the note").first.wait_for()
+
+        # A worker that runs HumanInTheLoopPruner is asked to end its trial: the state stays
+        # until it does, and the message says so.
+        storage.set_trial_system_attr(ids[2], COOPERATIVE_ATTR, True)
+        open_trial(page, 2, ids[2])
+        page.locator(".hitl-bar button[data-command=PRUNE]").click()
+        requested = page.locator(".hitl-toast[data-action=requested]")
+        requested.wait_for()
+        assert "Requested from the worker: Trial 2 \u2192 PRUNED" in requested.inner_text()
+        assert page.evaluate(SHOWN_STATE, f"Trial 2 (trial_id={ids[2]})") == "Running"
 
         # The HITL form widget of a running trial completes it through the dashboard's API.
         open_trial(page, 3, ids[3])

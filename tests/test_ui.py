@@ -13,11 +13,13 @@ from helpers import save
 from helpers import state
 import optuna
 from optuna.storages import JournalStorage
+from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 import pytest
 
 from hitl_pruner.commands import CommandParser
+from hitl_pruner.requests import COOPERATIVE_ATTR
 from hitl_pruner.store import Note
 from hitl_pruner.ui import PAGE_CSP
 from hitl_pruner.ui import STATIC_DIR
@@ -351,6 +353,21 @@ def test_a_relabelled_trial_offers_the_other_command(sqlite_url: str) -> None:
     info = trial_info(app, study._study_id, ids["complete"])
     assert info["state"] == "FAIL"
     assert verdicts(info) == {"PRUNE": (True, "applied"), "FAIL": (False, "nothing to do")}
+
+
+def test_a_cooperative_workers_trial_offers_to_ask_it(sqlite_url: str) -> None:
+    """A worker running HumanInTheLoopPruner is asked, not forced: the button still shows."""
+    study, ids = make_study(sqlite_url)
+    RDBStorage(sqlite_url).set_trial_system_attr(ids["running"], COOPERATIVE_ATTR, True)
+    app = app_for(sqlite_url)
+    sid, tid = study._study_id, ids["running"]
+    assert verdicts(trial_info(app, sid, tid)) == {
+        "PRUNE": (True, "requested"), "FAIL": (True, "requested")
+    }
+    assert save(app, sid, tid, 1, "PRUNE").outcome["action"] == "requested"
+    info = trial_info(app, sid, tid)
+    assert info["state"] == "RUNNING"
+    assert verdicts(info) == {"PRUNE": (False, "nothing to do"), "FAIL": (True, "requested")}
 
 
 def test_a_journal_storage_says_why_finished_trials_have_no_buttons(tmp_path: Path) -> None:
