@@ -118,6 +118,7 @@ class Applier:
         source: str,
         user: str | None,
         last_change: LastChange | None = None,
+        retry: bool = True,
     ) -> Outcome:
         if last_change is None and self.needs_history(ref):
             last_change = self.store.last_changes([ref.trial_id]).get(ref.trial_id)
@@ -167,6 +168,13 @@ class Applier:
                 decision.source, decision.target,
             )
         if not self._transition(entry):
+            # Often the sweep (or another server) applied this very note a moment earlier:
+            # decide again on the state as it is now, once.
+            fresh = self.store.trials([ref.trial_id]).get(ref.trial_id) if retry else None
+            if fresh is not None and fresh.state != ref.state:
+                return self._carry_out(
+                    fresh, command, note_version, source=source, user=user, retry=False
+                )
             return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
         return Outcome(
             decision.action.value, decision.reason, ref.trial_id, decision.source, decision.target

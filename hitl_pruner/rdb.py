@@ -229,6 +229,8 @@ class SqlStore:
 
     def install(self) -> None:
         """Create our tables and triggers if missing. Safe to run from several processes."""
+        # Trigger DDL goes through the raw cursor, whose errors SQLAlchemy does not wrap.
+        dbapi_error = self._engine.dialect.loaded_dbapi.Error
         try:
             for attempt in range(3):
                 try:
@@ -237,16 +239,16 @@ class SqlStore:
                     self._bootstrap()
                     return
                 except (sa.exc.OperationalError, sa.exc.ProgrammingError,
-                        sa.exc.IntegrityError) as exc:
+                        sa.exc.IntegrityError, dbapi_error) as exc:
                     # Another process may be installing at the same moment: look again.
                     if attempt == 2:
                         raise
                     logger.debug("install raced another process (%s); retrying", exc)
-        except sa.exc.DBAPIError as exc:
+        except (sa.exc.DBAPIError, dbapi_error) as exc:
             raise InstallError(
                 "hitl-pruner could not create its tables and triggers "
                 f"(hitl_audit, hitl_note_changes, hitl_requests, {TRIGGER}*, {FAIL_TRIGGER}): "
-                f"{exc.orig}. The database user "
+                f"{getattr(exc, 'orig', exc)}. The database user "
                 "needs CREATE and TRIGGER privileges on the Optuna database (MySQL with binary "
                 "logging also needs log_bin_trust_function_creators=1)."
             ) from None
@@ -470,6 +472,8 @@ class SqlStore:
 
     def ack(self, changes: Iterable[Change]) -> None:
         ids = [c.id for c in changes]
+        if not ids:
+            return  # an idle sweep takes no connection for nothing
         with self._engine.begin() as conn:
             for start in range(0, len(ids), 500):
                 batch = ids[start : start + 500]

@@ -14,6 +14,7 @@ try:
     setup_logging(_settings.verbose)
     app = create_app(_settings)
 except ConfigError as exc:
-    # A clear line instead of a traceback; gunicorn then stops ("Worker failed to boot").
+    # A clear line instead of a traceback. Exit code 4 is gunicorn's "App failed to load": it
+    # stops the server, where any other code makes it boot the worker again, forever.
     sys.stderr.write(f"hitl-pruner: {exc}\n")
-    raise SystemExit(2) from None
+    raise SystemExit(4) from None
