@@ -33,7 +33,10 @@ def open_storage(settings: Settings) -> BaseStorage:
     try:
         return RDBStorage(
             url.render_as_string(hide_password=False),
-            engine_kwargs={"pool_pre_ping": True, **engine_kwargs},
+            # No pool_pre_ping: it costs a round trip per checkout, as much as our whole check
+            # on PostgreSQL. A dropped connection fails one request and leaves the pool; the
+            # sweep retries. (Optuna turns it on for MySQL itself.)
+            engine_kwargs=engine_kwargs,
         )
     except sa.exc.DBAPIError as exc:
         first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)

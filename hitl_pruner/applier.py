@@ -23,6 +23,7 @@ from .store import Note
 from .store import Store
 from .store import TrialRef
 from .transitions import Action
+from .transitions import Decision
 from .transitions import LastChange
 from .transitions import decide
 
@@ -109,6 +110,26 @@ class Applier:
             )
         return self._carry_out(ref, command, None, source=source, user=user)
 
+    def preview(
+        self, ref: TrialRef, command: Command | None, *, last_change: LastChange | None = None
+    ) -> Decision:
+        """What a note carrying ``command`` would do to this trial now; nothing is changed."""
+        if last_change is None and self.needs_history(ref):
+            last_change = self.store.last_changes([ref.trial_id]).get(ref.trial_id)
+        # Only a running trial has a worker to ask, and only a command needs one.
+        worker = (
+            self.store.worker(ref)
+            if command is not None and ref.state == TrialState.RUNNING else None
+        )
+        return decide(
+            ref.state,
+            command,
+            last_change,
+            retroactive_allowed=self.retroactive,
+            retroactive_supported=self.store.retroactive_supported,
+            worker=worker,
+        )
+
     def _carry_out(
         self,
         ref: TrialRef,
@@ -120,21 +141,7 @@ class Applier:
         last_change: LastChange | None = None,
         retry: bool = True,
     ) -> Outcome:
-        if last_change is None and self.needs_history(ref):
-            last_change = self.store.last_changes([ref.trial_id]).get(ref.trial_id)
-        # Only a running trial has a worker to ask, and only a command needs one.
-        worker = (
-            self.store.worker(ref)
-            if command is not None and ref.state == TrialState.RUNNING else None
-        )
-        decision = decide(
-            ref.state,
-            command,
-            last_change,
-            retroactive_allowed=self.retroactive,
-            retroactive_supported=self.store.retroactive_supported,
-            worker=worker,
-        )
+        decision = self.preview(ref, command, last_change=last_change)
         if decision.action is Action.NOOP:
             return Outcome(decision.action.value, decision.reason, ref.trial_id)
         if decision.action is Action.REFUSE:

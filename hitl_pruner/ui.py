@@ -46,8 +46,6 @@ from typing import Any
 from typing import Iterable
 from urllib.parse import parse_qs
 
-from optuna.trial import TrialState
-
 from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
@@ -55,7 +53,6 @@ from .middleware import OUTCOME_HEADER
 from .store import Note
 from .store import TrialRef
 from .transitions import Action
-from .transitions import decide
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -299,14 +296,7 @@ class UiMiddleware:
         the trial would change (or its worker be asked to change it).
         """
         applier = self.applier
-        store = applier.store
         monitored = applier.monitors(ref.study_name)
-        last = (
-            store.last_changes([ref.trial_id]).get(ref.trial_id)
-            if monitored and applier.needs_history(ref) else None
-        )
-        # As the applier does: only a running trial has a worker to ask.
-        worker = store.worker(ref) if monitored and ref.state == TrialState.RUNNING else None
         commands = {}
         for command in Command:
             text = command.value
@@ -316,14 +306,7 @@ class UiMiddleware:
                 action = "refused"
                 reason = f"the configured patterns do not read {text!r} as {command.value}"
             else:
-                decision = decide(
-                    ref.state,
-                    command,
-                    last,
-                    retroactive_allowed=applier.retroactive,
-                    retroactive_supported=store.retroactive_supported,
-                    worker=worker,
-                )
+                decision = applier.preview(ref, command)
                 action, reason = decision.action.value, decision.reason
             commands[command.value] = {
                 "allowed": action in (Action.APPLY.value, Action.ASK.value),

@@ -25,38 +25,37 @@ cannot be reached is reported and skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import io
 import itertools
 import json
 import os
+from pathlib import Path
 import platform
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 from typing import Callable
 from typing import Iterator
 
 import optuna
-import optuna_dashboard
-import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
+import optuna_dashboard
+import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchdb import PG_ADMIN_URL  # noqa: E402
+from benchdb import Unavailable  # noqa: E402
+from benchdb import database  # noqa: E402
+
 from hitl_pruner import Settings  # noqa: E402
 from hitl_pruner import create_app  # noqa: E402
 
-PG_ADMIN_URL = os.environ.get(
-    "HITL_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-)
 LATENCY_TRIALS = 1000
 NOTE_EVERY = 10
 CHANGED = 100
@@ -71,30 +70,6 @@ attrs_t: sa.Table = models.StudySystemAttributeModel.__table__  # type: ignore[a
 # --- databases -------------------------------------------------------------------------------
 
 
-class Unavailable(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def database(backend: str, tmp: Path) -> Iterator[str]:
-    """Yield the URL of a new, empty database, and drop it afterwards."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp / f'bench-{uuid.uuid4().hex[:8]}.db'}"
-        return
-    name = f"hitl_bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        raise Unavailable(str(exc.orig).strip().splitlines()[0]) from None
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
 
 
 def server_version(backend: str) -> str:

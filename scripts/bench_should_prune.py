@@ -25,17 +25,13 @@ reached is reported and skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import os
 from pathlib import Path
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from typing import Iterator
-import uuid
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -46,38 +42,12 @@ from optuna.storages import RDBStorage
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchdb import Unavailable  # noqa: E402
+from benchdb import database  # noqa: E402
+
 from hitl_pruner import HumanInTheLoopPruner  # noqa: E402
 from hitl_pruner.rdb import SqlStore  # noqa: E402
 from hitl_pruner.rdb import audit_t  # noqa: E402
-
-PG_ADMIN_URL = os.environ.get(
-    "HITL_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-)
-
-
-class Unavailable(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def database(backend: str, tmp: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp / 'bench.db'}"
-        return
-    name = f"hitl_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        raise Unavailable(str(exc.orig).strip().splitlines()[0]) from None
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
 
 
 def populate(url: str, n_trials: int, steps: int, n_audit: int) -> tuple[int, int]:
