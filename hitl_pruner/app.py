@@ -12,6 +12,8 @@ import sqlalchemy as sa
 
 from . import dashboard
 from .applier import Applier
+from .auth import AuthMiddleware
+from .auth import Refusals
 from .commands import CommandParser
 from .config import ConfigError
 from .config import Settings
@@ -51,7 +53,9 @@ def open_storage(settings: Settings) -> BaseStorage:
         ) from None
 
 
-def create_app(settings: Settings, *, autostart: bool = True) -> UiMiddleware:
+def create_app(
+    settings: Settings, *, autostart: bool = True
+) -> UiMiddleware | AuthMiddleware:
     """The dashboard wrapped in our middleware; its sweep starts in the serving process.
 
     The outer layer adds the browser side (buttons, toasts, the actions view) and passes
@@ -59,6 +63,9 @@ def create_app(settings: Settings, *, autostart: bool = True) -> UiMiddleware:
 
     With ``autostart=False`` the sweep starts only through ``start_background()`` (the gunicorn
     hooks call it), or runs by hand with ``app.sweeper.run_once()``.
+
+    With basic auth or a user header configured, ``AuthMiddleware`` wraps it all (and passes
+    the same attributes through).
     """
     storage = open_storage(settings)
     store: SqlStore | ApiStore
@@ -83,6 +90,10 @@ def create_app(settings: Settings, *, autostart: bool = True) -> UiMiddleware:
         studies=frozenset(settings.studies),
         grace=settings.grace_seconds,
         on_change=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
+        allowed_users=(
+            frozenset(settings.allowed_users) if settings.allowed_users is not None else None
+        ),
+        refusals=Refusals(storage),
     )
     sweeper = Sweeper(applier, store, interval=settings.interval)
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
@@ -101,4 +112,13 @@ def create_app(settings: Settings, *, autostart: bool = True) -> UiMiddleware:
         f", studies {', '.join(settings.studies)}" if settings.studies else "",
         " (dry run)" if settings.dry_run else "",
     )
-    return UiMiddleware(hitl, applier=applier)
+    ui = UiMiddleware(hitl, applier=applier)
+    if not (settings.basic_auth or settings.user_header):
+        return ui
+    # Outermost: every route, the dashboard's and ours, sees the checked REMOTE_USER.
+    return AuthMiddleware(
+        ui,
+        users=dict(settings.basic_auth),
+        user_header=settings.user_header,
+        trusted=settings.forwarded_allow_ips,
+    )

@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 from typing import Callable
+from typing import Protocol
 
 from optuna.trial import TrialState
 
@@ -30,6 +31,16 @@ from .transitions import decide
 logger = logging.getLogger("hitl_pruner")
 
 FINISHED_BY_US_POSSIBLE = (TrialState.PRUNED, TrialState.FAIL)
+# The source of notes nobody saved through us (scripts, other servers' dashboards): no user.
+SWEEP = "sweep"
+
+
+class Refusals(Protocol):
+    """Where refused note versions are remembered (auth.Refusals keeps them in the storage)."""
+
+    def mark(self, ref: TrialRef, note: Note, user: str | None) -> None: ...
+
+    def refused_by(self, ref: TrialRef, note: Note) -> str | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +77,8 @@ class Applier:
         studies: frozenset[str] = frozenset(),
         grace: float = 30.0,
         on_change: Callable[[int], None] = lambda study_id: None,
+        allowed_users: frozenset[str] | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         self.store = store
         self.parser = parser
@@ -75,9 +88,48 @@ class Applier:
         # Seconds a cooperative worker has to end its trial before the sweep forces it.
         self.grace = grace
         self._on_change = on_change
+        # None: anyone may issue commands. Otherwise only these users, through our note-save,
+        # the Fail Trial button and Undo; the sweep skips the note versions they refused.
+        self.allowed_users = allowed_users
+        self.refusals = refusals
 
     def monitors(self, study_name: str) -> bool:
         return not self.studies or study_name in self.studies
+
+    def may_act(self, user: str | None) -> bool:
+        """Whether ``user`` may change trial states (--allowed-users)."""
+        return self.allowed_users is None or (user is not None and user in self.allowed_users)
+
+    def before_save(self, ref: TrialRef, note: Note, *, user: str | None) -> None:
+        """Called before a note from ``user`` is saved: if the allow-list will refuse it,
+        remember that first, so that no sweep applies the saved note meanwhile or later."""
+        if self.may_act(user) or self.refusals is None or not self.monitors(ref.study_name):
+            return
+        # Only a note that could change the trial needs remembering: one with a command, or
+        # one on a trial we may have relabelled (taking the command out undoes it).
+        if self.parser.parse(note.body) is None and ref.state not in FINISHED_BY_US_POSSIBLE:
+            return
+        self.refusals.mark(ref, note, user)
+
+    def _refusal(self, ref: TrialRef, note: Note | None, source: str,
+                 user: str | None) -> str | None:
+        """Why the allow-list refuses what this note or command asks, or None."""
+        if self.allowed_users is None:
+            return None
+        if source == SWEEP:
+            who = self.refusals.refused_by(ref, note) if (
+                self.refusals is not None and note is not None
+            ) else None
+            if who is None:
+                return None
+            return f"saved by {who!r}, who may not issue commands (--allowed-users)" if who \
+                else "saved without a user name, so it may not issue commands (--allowed-users)"
+        if self.may_act(user):
+            return None
+        if user is None:
+            return "no user name came with the request, so it may not issue commands " \
+                "(--allowed-users needs --user-header or basic auth)"
+        return f"user {user!r} may not issue commands (--allowed-users)"
 
     def needs_history(self, ref: TrialRef) -> bool:
         """Whether decide() must know our last change to this trial (one extra query)."""
@@ -99,6 +151,7 @@ class Applier:
         return self._carry_out(
             ref, self.parser.parse(note.body), note.version,
             source=source, user=user, last_change=last_change,
+            refusal=self._refusal(ref, note, source, user),
         )
 
     def command(self, ref: TrialRef, command: Command, *, source: str,
@@ -108,7 +161,10 @@ class Applier:
             return Outcome(
                 "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
             )
-        return self._carry_out(ref, command, None, source=source, user=user)
+        return self._carry_out(
+            ref, command, None, source=source, user=user,
+            refusal=self._refusal(ref, None, source, user),
+        )
 
     def preview(
         self, ref: TrialRef, command: Command | None, *, last_change: LastChange | None = None
@@ -140,10 +196,17 @@ class Applier:
         user: str | None,
         last_change: LastChange | None = None,
         retry: bool = True,
+        refusal: str | None = None,
     ) -> Outcome:
         decision = self.preview(ref, command, last_change=last_change)
         if decision.action is Action.NOOP:
             return Outcome(decision.action.value, decision.reason, ref.trial_id)
+        if refusal is not None and decision.action is not Action.REFUSE:
+            # Only what would change a trial is refused: the note itself stays saved.
+            logger.warning(
+                "not changing study %r trial #%d: %s", ref.study_name, ref.number, refusal
+            )
+            return Outcome(Action.REFUSE.value, refusal, ref.trial_id)
         if decision.action is Action.REFUSE:
             if command is not None:
                 logger.warning(

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     uninstall.add_argument("storage_url", nargs="?", metavar="STORAGE_URL")
     uninstall.add_argument("--from-config", metavar="FILE.toml")
+    hash_password = sub.add_parser(
+        "hash-password",
+        help="hash a password for --basic-auth-file",
+        description="Read a password (asked twice on a terminal, else the first line of "
+        "stdin) and print USER:HASH, a line for --basic-auth-file or HITL_BASIC_AUTH.",
+    )
+    hash_password.add_argument("user", metavar="USER")
     return parser
 
 
@@ -82,6 +89,19 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     mon.add_argument("--verbose", action="store_true", default=None, help="debug logging")
     mon.add_argument("--artifact-dir", help="directory of the dashboard's artifact store")
     mon.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    who = p.add_argument_group("Who may act")
+    who.add_argument("--basic-auth-file", metavar="FILE",
+                     help="require HTTP basic auth; FILE holds user:hash lines made by "
+                     "`python -m hitl_pruner hash-password USER`")
+    who.add_argument("--user-header", metavar="NAME",
+                     help="take the user name from this header (e.g. X-Remote-User), sent by a "
+                     "proxy at --forwarded-allow-ips")
+    who.add_argument("--forwarded-allow-ips", metavar="IPS",
+                     help="proxy addresses or networks trusted with --user-header, "
+                     "comma-separated, or * (default: 127.0.0.1)")
+    who.add_argument("--allowed-users", metavar="USERS",
+                     help="only these users' commands are applied, comma-separated; others can "
+                     "still write notes (default: everyone's)")
     br = p.add_argument_group("Browser launch options")
     br.add_argument("--browser-path", help="open the dashboard in this browser executable")
 
@@ -89,13 +109,16 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
 SETTINGS_KEYS = (
     "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
-    "all_trials active_only verbose artifact_dir from_config browser_path"
+    "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
+    "user_header forwarded_allow_ips allowed_users"
 ).split()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "hash-password":
+        return _hash_password(args.user)
     cli = {k: getattr(args, k, None) for k in SETTINGS_KEYS}
     if cli.get("study") == []:
         parser.error("--study needs at least one study name")
@@ -108,6 +131,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hitl-pruner: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _hash_password(user: str) -> int:
+    import getpass
+
+    from . import auth
+
+    if not auth.USER_NAME.match(user):
+        print(f"hitl-pruner: error: {user!r} cannot be a user name (no ':' or ',')",
+              file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("hitl-pruner: error: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("hitl-pruner: error: an empty password", file=sys.stderr)
+        return 2
+    print(f"{user}:{auth.hash_password(password)}")
+    return 0
 
 
 def _uninstall(settings: Settings) -> int:

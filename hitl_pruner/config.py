@@ -58,6 +58,13 @@ class Settings:
     cert_path: str | None = None
     # The database password, kept apart from storage_url so no repr or log line shows it.
     db_password: str | None = dataclasses.field(default=None, repr=False)
+    # Who may act (auth.py): ((user, password hash), ...) for HTTP basic auth; the header a
+    # trusted proxy names the user in, and the proxies' addresses; the users whose commands
+    # are applied (None: everyone's).
+    basic_auth: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    user_header: str | None = None
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)
+    allowed_users: tuple[str, ...] | None = None
 
     @property
     def grace_seconds(self) -> float:
@@ -134,6 +141,14 @@ OPTIONS = [
     _Option("verbose", _bool, "Debug logging"),
     _Option("browser_path", str, "Browser to open on the dashboard (serve only)"),
     _Option("artifact_dir", str, "Directory of a FileSystemArtifactStore for the dashboard"),
+    _Option("basic_auth_file", str, "File of user:hash lines: HTTP basic auth on every request "
+            "(hashes from `python -m hitl_pruner hash-password USER`)"),
+    _Option("basic_auth", str, "Same as basic_auth_file, inline: user:hash,user:hash"),
+    _Option("user_header", str, "Header a trusted proxy names the user in (e.g. X-Remote-User)"),
+    _Option("forwarded_allow_ips", str, "Proxy addresses trusted with the user header, "
+            "comma-separated, or * (default 127.0.0.1)"),
+    _Option("allowed_users", _studies, "Only these users' commands are applied "
+            "(comma-separated; default: everyone's)"),
 ]
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -237,7 +252,60 @@ def _build(raw: dict[str, Any]) -> Settings:
         artifact_dir=raw.get("artifact_dir"),
         db_password=password,
     )
+    settings = dataclasses.replace(settings, **_who_may_act(raw))
     return dataclasses.replace(settings, cert_path=_cert_path(raw, settings))
+
+
+def _who_may_act(raw: dict[str, Any]) -> dict[str, Any]:
+    from . import auth
+
+    users: tuple[tuple[str, str], ...] = ()
+    if raw.get("basic_auth_file") and raw.get("basic_auth"):
+        raise ConfigError("give --basic-auth-file or HITL_BASIC_AUTH, not both")
+    try:
+        if raw.get("basic_auth_file"):
+            path = raw["basic_auth_file"]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read --basic-auth-file {path}: {exc.strerror}"
+                ) from None
+            users = auth.parse_credentials(lines, f"--basic-auth-file {path}")
+        elif raw.get("basic_auth"):
+            users = auth.parse_credentials(raw["basic_auth"].split(","), "HITL_BASIC_AUTH")
+    except ValueError as exc:
+        raise ConfigError(
+            f"{exc}; make each line with `python -m hitl_pruner hash-password USER`"
+        ) from None
+    if (raw.get("basic_auth_file") or raw.get("basic_auth")) and not users:
+        raise ConfigError("the basic auth credentials name no user; add user:hash lines")
+    header = raw.get("user_header") or None
+    if header is not None and not auth.HEADER_NAME.match(header):
+        raise ConfigError(
+            f"--user-header {header!r} is not a header name; give e.g. X-Remote-User"
+        )
+    if header is not None and users:
+        raise ConfigError(
+            "--user-header and basic auth exclude each other: a proxy names the user, or "
+            "this server asks for a password; give one"
+        )
+    ips = raw.get("forwarded_allow_ips", "127.0.0.1")
+    try:
+        trusted = auth.parse_networks(ips if isinstance(ips, str) else ",".join(ips))
+    except ValueError as exc:
+        raise ConfigError(
+            f"--forwarded-allow-ips: {exc}; give addresses or networks, comma-separated, or *"
+        ) from None
+    allowed_raw = raw.get("allowed_users")
+    allowed = _studies(allowed_raw) if isinstance(allowed_raw, str) else tuple(allowed_raw or ())
+    return {
+        "basic_auth": users,
+        "user_header": header,
+        "forwarded_allow_ips": trusted,
+        "allowed_users": allowed or None,
+    }
 
 
 def _read_password(path: str) -> str:

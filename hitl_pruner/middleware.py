@@ -129,6 +129,9 @@ class HitlMiddleware:
             reason = f"study_id={study_id} has no trial with trial_id={trial_id}"
             return _json(start_response, "404 Not Found", {"reason": reason})
 
+        note = Note(request["version"], request["body"])
+        user = environ.get("REMOTE_USER") or None
+        self.applier.before_save(ref, note, user=user)
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
