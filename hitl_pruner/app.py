@@ -43,7 +43,7 @@ def open_storage(settings: Settings) -> BaseStorage:
     except sa.exc.DBAPIError as exc:
         first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigError(
-            f"cannot open the storage {settings.display_url}: {first_line}"
+            f"cannot open the storage {settings.display_url}: {first_line}{_tls_hint(first_line)}"
         ) from None
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
         cause = exc.__cause__ or exc
@@ -51,6 +51,16 @@ def open_storage(settings: Settings) -> BaseStorage:
             f"cannot use the storage URL {settings.display_url}: {cause}; the drivers installed "
             "are postgresql+psycopg2:// and mysql+pymysql://"
         ) from None
+
+
+def _tls_hint(error: str) -> str:
+    """How to fix a certificate the driver could not verify (the driver's words, lower-cased)."""
+    error = error.lower()
+    if "certificate verify failed" in error or "unable to get local issuer" in error:
+        return "; is --cert-path the CA that signed the database server's certificate?"
+    if "does not match host name" in error or "hostname mismatch" in error:
+        return "; connect with a host name the certificate names (--db-host or the URL's host)"
+    return ""
 
 
 def create_app(
