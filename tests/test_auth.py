@@ -14,7 +14,9 @@ from helpers import make_study
 from helpers import save
 from helpers import state
 import optuna
+from optuna.storages import JournalStorage
 from optuna.storages import RDBStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from optuna_dashboard import save_note
 from optuna_dashboard._note import get_note_from_system_attrs
@@ -342,3 +344,16 @@ def test_a_real_server_takes_the_user_from_a_trusted_proxy_only(
                                headers=header)
         assert reply.status == 204 and reply.outcome["action"] == "applied", reply
     assert audit_users(sqlite_url) == [(ids["running"], "alice")]
+
+
+def test_a_refused_note_on_a_journal_is_not_applied_by_a_later_server(tmp_path: Any) -> None:
+    """A journal's sweep reads every note again after a restart: the refusal must persist."""
+    url = str(tmp_path / "journal.log")
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(url)))
+    running = study.ask()._trial_id
+    r = save(allow_app(url), study._study_id, running, 1, "PRUNE", environ=as_user("bob"))
+    assert r.outcome["action"] == "refused"
+    later = allow_app(url)
+    later.sweeper.run_once()
+    storage = JournalStorage(JournalFileBackend(url))
+    assert storage.get_trial(running).state is TrialState.RUNNING
