@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from optuna.storages import BaseStorage
 from optuna.storages import JournalStorage
@@ -11,12 +12,14 @@ from optuna.storages.journal import JournalFileBackend
 import sqlalchemy as sa
 
 from . import dashboard
+from . import lock
 from .applier import Applier
 from .auth import AuthMiddleware
 from .auth import Refusals
 from .commands import CommandParser
 from .config import ConfigError
 from .config import Settings
+from .health import Health
 from .journal import ApiStore
 from .middleware import HitlMiddleware
 from .rdb import InstallError
@@ -51,6 +54,14 @@ def open_storage(settings: Settings) -> BaseStorage:
             f"cannot use the storage URL {settings.display_url}: {cause}; the drivers installed "
             "are postgresql+psycopg2:// and mysql+pymysql://"
         ) from None
+
+
+def _pinger(engine: sa.Engine) -> Callable[[], object]:
+    def ping() -> None:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    return ping
 
 
 def _tls_hint(error: str) -> str:
@@ -105,7 +116,14 @@ def create_app(
         ),
         refusals=Refusals(storage),
     )
-    sweeper = Sweeper(applier, store, interval=settings.interval)
+    if isinstance(storage, RDBStorage):
+        sweep_lock = lock.for_engine(storage.engine)
+        ping = _pinger(storage.engine)
+    else:
+        sweep_lock = lock.for_journal(settings.storage_url)
+        ping = storage.get_all_studies
+    # One sweep at a time across processes and servers on this database (lock.py).
+    sweeper = Sweeper(applier, store, interval=settings.interval, lock=sweep_lock)
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage
     ) else None
@@ -116,6 +134,7 @@ def create_app(
         sweeper=sweeper,
         after_fork=after_fork,
         autostart=autostart,
+        health=Health(ping, sweeper),
     )
     logger.info(
         "serving %s%s%s", settings.display_url,

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from .applier import Applier
 from .commands import Command
+from .health import HEALTH_PATH
 from .store import Note
 from .store import Store
 from .sweep import Sweeper
@@ -50,7 +51,8 @@ class HitlMiddleware:
     ``POST /api/trials/<trial_id>/tell`` with state Fail (the dashboard's Fail Trial button) on
     a RUNNING or WAITING trial takes the same path as a FAIL note: a worker using
     HumanInTheLoopPruner is asked, any other is forced, and the change is audited; the answer is
-    a 204 with the same header. Every other request passes through untouched.
+    a 204 with the same header. ``GET /healthz`` is answered by ``health`` (health.py), when
+    given. Every other request passes through untouched.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class HitlMiddleware:
         sweeper: Sweeper | None = None,
         after_fork: Callable[[], None] | None = None,
         autostart: bool = True,
+        health: WSGIApplication | None = None,
     ) -> None:
         self.app = app
         self.applier = applier
@@ -72,10 +75,17 @@ class HitlMiddleware:
         self._autostart = autostart
         self._pid: int | None = None
         self._lock = threading.Lock()
+        self.health = health
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._autostart and self._pid != os.getpid():
             self.start_background()
+        if (
+            self.health is not None
+            and environ.get("PATH_INFO") == HEALTH_PATH
+            and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
+        ):
+            return self.health(environ, start_response)
         if environ.get("REQUEST_METHOD") == "PUT":
             match = NOTE_PATH.match(environ.get("PATH_INFO", ""))
             if match:

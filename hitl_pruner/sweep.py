@@ -7,10 +7,12 @@ import collections
 import dataclasses
 import datetime
 import logging
+import os
 import threading
 import time
 
 from .applier import Applier
+from .lock import SweepLock
 from .store import Change
 from .store import Store
 
@@ -32,11 +34,24 @@ class SweepStats:
 
 
 class Sweeper:
-    def __init__(self, applier: Applier, store: Store, *, interval: float) -> None:
+    """Runs ``run_once`` every interval in a thread, while this process holds the sweep lock.
+
+    Without a lock every process sweeps. With one (lock.py), the thread of every process keeps
+    looping, but only the holder sweeps; the others try to take the lock each interval. The
+    lock is taken by the loop, not by ``run_once``, which stays callable directly.
+    """
+
+    def __init__(
+        self, applier: Applier, store: Store, *, interval: float, lock: SweepLock | None = None
+    ) -> None:
         self.applier = applier
         self.store = store
         self.interval = interval
+        self.lock = lock
         self.last_run: float | None = None
+        # When the loop last went round (swept, or tried for the lock), and its failures since.
+        self.last_tick: float | None = None
+        self.failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # In a dry run nothing is consumed, so the same notes come back every sweep: say once.
@@ -122,13 +137,40 @@ class Sweeper:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def active(self) -> bool:
+        """Whether this process runs the sweep (holds the lock, or there is none)."""
+        return self.alive and (self.lock is None or self.lock.held)
+
+    def _my_turn(self) -> bool:
+        lock = self.lock
+        if lock is None:
+            return True
+        if lock.held:
+            if lock.check():
+                return True
+            logger.warning("this process no longer runs the sweep (pid %d)", os.getpid())
+        if lock.try_acquire():
+            logger.info("this process now runs the sweep (pid %d)", os.getpid())
+            return True
+        return False
+
     def _loop(self) -> None:
         delay = 0.0  # first sweep at once: it picks up notes saved while we were down
-        while not self._stop.wait(delay):
-            try:
-                self.run_once()
-                delay = self.interval
-            except Exception:
-                # A database outage must not end the sweep: back off and try again.
-                delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
-                logger.exception("sweep failed; retrying in %.0f s", delay)
+        try:
+            while not self._stop.wait(delay):
+                try:
+                    if self._my_turn():
+                        self.run_once()
+                    self.failures = 0
+                    delay = self.interval
+                except Exception:
+                    # A database outage must not end the sweep: back off and try again.
+                    self.failures += 1
+                    delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
+                    logger.exception("sweep failed; retrying in %.0f s", delay)
+                self.last_tick = time.time()
+        finally:
+            if self.lock is not None and self.lock.held:
+                self.lock.release()
+                logger.info("this process stopped running the sweep (pid %d)", os.getpid())
