@@ -72,6 +72,10 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     mon = p.add_argument_group("Monitor configuration")
     mon.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     mon.add_argument("--port", type=int, help="port to listen on (default: 8080)")
+    mon.add_argument("--root-path", metavar="PATH",
+                     help="path prefix a reverse proxy serves us under, e.g. /optuna (default: "
+                     "none, or what a proxy at --forwarded-allow-ips sends as SCRIPT_NAME or "
+                     "X-Forwarded-Prefix)")
     mon.add_argument("--study", nargs="*", help="only these studies (default: all)")
     mon.add_argument("--interval", type=float, help="seconds between sweeps (default: 10)")
     mon.add_argument("--grace", type=float,
@@ -110,7 +114,7 @@ SETTINGS_KEYS = (
     "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
-    "user_header forwarded_allow_ips allowed_users"
+    "user_header forwarded_allow_ips allowed_users root_path"
 ).split()
 
 
@@ -175,6 +179,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
 
     from . import gunicorn_hooks
     from .app import create_app
+    from .prefix import behind_proxy
 
     demo_worker = None
     if demo:
@@ -185,7 +190,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
         demo_worker = subprocess.Popen(
             [sys.executable, "-m", "hitl_pruner.demo", settings.storage_url]
         )
-    app = create_app(settings)
+    app = behind_proxy(create_app(settings), settings)
     url = f"http://{settings.host}:{settings.port}/dashboard"
 
     def when_ready(server: Any) -> None:
@@ -205,6 +210,8 @@ def _serve(settings: Settings, *, demo: bool) -> int:
         "worker_exit": gunicorn_hooks.worker_exit,
         "when_ready": when_ready,
         "loglevel": "debug" if settings.verbose else "info",
+        # gunicorn's own trust: X-Forwarded-Proto (https) and a SCRIPT_NAME header.
+        "forwarded_allow_ips": ",".join(settings.forwarded_allow_ips),
     }
 
     class Server(BaseApplication):  # type: ignore[misc]

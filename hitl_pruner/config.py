@@ -17,6 +17,7 @@ from .commands import DEFAULT_FAIL_PATTERN
 from .commands import DEFAULT_PRUNE_PATTERN
 from .commands import PatternError
 from .commands import compile_pattern
+from .prefix import clean_prefix
 
 try:
     import tomllib
@@ -43,6 +44,8 @@ class Settings:
     storage_url: str = "sqlite:///optuna.db"
     host: str = "127.0.0.1"
     port: int = 8080
+    # The path the dashboard is served under behind a proxy ("/optuna"), or "" (see prefix.py).
+    root_path: str = ""
     studies: tuple[str, ...] = ()
     interval: float = 10.0
     # Seconds a worker using HumanInTheLoopPruner has to end its trial before the sweep forces
@@ -129,6 +132,8 @@ OPTIONS = [
     _Option("cert", str, "auto (default), use or off: whether to use the CA certificate"),
     _Option("host", str, "Address to listen on (serve, and gunicorn.conf.py; default 127.0.0.1)"),
     _Option("port", int, "Port to listen on (default 8080)"),
+    _Option("root_path", str, "Path prefix the proxy serves us under, e.g. /optuna (default: "
+            "none, or a trusted proxy's SCRIPT_NAME or X-Forwarded-Prefix)"),
     _Option("study", _studies, "Only these studies (comma-separated in the environment)"),
     _Option("interval", float, "Seconds between sweeps (default 10)"),
     _Option("grace", float, "Seconds a cooperative worker has before the state is forced "
@@ -231,6 +236,12 @@ def _build(raw: dict[str, Any]) -> Settings:
     port = int(raw.get("port", 8080))
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
+    root_path = clean_prefix(str(raw.get("root_path", "")))
+    if root_path is None:
+        raise ConfigError(
+            f"--root-path must be a path like /optuna (letters, digits, -._~), "
+            f"not {raw['root_path']!r}"
+        )
 
     password = raw.get("db_password")
     if password is None and raw.get("db_password_file"):
@@ -240,6 +251,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         storage_url=storage_url,
         host=raw.get("host", "127.0.0.1"),
         port=port,
+        root_path=root_path,
         studies=tuple(raw.get("study", ())),
         interval=interval,
         grace=grace,

@@ -26,6 +26,11 @@ through the same note-save path as one typed in the dashboard. It answers:
     dashboard's 409 when the note changed meanwhile. It needs ``Content-Type:
     application/json``: a cross-site form cannot send that, so no other site can undo for you.
 
+Under a prefix (``SCRIPT_NAME``, set by :class:`~hitl_pruner.prefix.ProxyMiddleware`), it also
+answers ``GET /`` with a redirect to ``<prefix>/dashboard``, loads the dashboard's bundle from
+``<prefix>/static/bundle.js``, and serves that bundle with its routes and API calls moved
+under the prefix (see :func:`~hitl_pruner.prefix.prefixed_bundle`).
+
 Every other request goes to the wrapped app untouched. Attributes this class does not have
 (``start_background``, ``stop_background``, ``sweeper``, ``store``, ``app`` ...) are the
 wrapped middleware's, so ``create_app`` can return it in HitlMiddleware's place.
@@ -33,6 +38,7 @@ wrapped middleware's, so ``create_app`` can return it in HitlMiddleware's place.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import html
 import io
@@ -50,6 +56,10 @@ from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
 from .middleware import OUTCOME_HEADER
+from .prefix import BUNDLE_PATH
+from .prefix import clean_prefix
+from .prefix import prefixed_bundle
+from .prefix import prefixed_page
 from .store import Note
 from .store import TrialRef
 from .transitions import Action
@@ -72,6 +82,8 @@ MAX_LIMIT = 1000
 # Undo looks its action up among this many newest ones; an older one was superseded anyway
 # unless the audit grew by that much since.
 UNDO_SEARCH = 5000
+# Rewritten bundles kept, one per prefix: prefixes come from the operator or trusted proxies.
+MAX_BUNDLES = 8
 PAGE_CSP = ";".join(
     [
         "default-src 'self'",
@@ -107,6 +119,7 @@ class _Static:
         self.data = data
         self.content_type = content_type
         self.etag = f'"{hashlib.sha256(data).hexdigest()[:20]}"'
+        self.gzipped: _Static | None = None
 
 
 def _load_static(directory: Path) -> dict[str, _Static]:
@@ -134,6 +147,7 @@ class UiMiddleware:
         self.application = application
         self.applier = applier
         self._static = _load_static(static_dir)
+        self._bundles: dict[str, _Static] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "application":  # not set yet: no wrapped app to ask
@@ -158,6 +172,15 @@ class UiMiddleware:
                              {"reason": "internal server error"})
         if method in ("GET", "HEAD") and DASHBOARD_PAGE.match(path):
             return self._page(environ, start_response, method)
+        prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
+        if prefix and method in ("GET", "HEAD"):
+            if path in ("", "/"):
+                # The dashboard's own redirect would leave the prefix out.
+                start_response("302 Found", [("Location", prefix + "/dashboard"),
+                                             ("Content-Length", "0")])
+                return []
+            if path == BUNDLE_PATH:
+                return self._bundle(environ, start_response, prefix)
         return self.application(environ, start_response)
 
     def _hitl(
@@ -204,7 +227,8 @@ class UiMiddleware:
         ):
             start_response(status, headers, exc_info)
             return [] if method == "HEAD" else [body]
-        page = _inject(body, html.escape(environ.get("SCRIPT_NAME", "").rstrip("/")))
+        prefix = html.escape(environ.get("SCRIPT_NAME", "").rstrip("/"))
+        page = _inject(prefixed_page(body, prefix) if prefix else body, prefix)
         kept = [
             (name, value) for name, value in headers
             if name.lower() not in ("content-length", "etag", "last-modified", "accept-ranges")
@@ -213,13 +237,51 @@ class UiMiddleware:
         start_response(status, kept)
         return [] if method == "HEAD" else [page]
 
+    def _bundle(
+        self, environ: WSGIEnvironment, start_response: StartResponse, prefix: str
+    ) -> Iterable[bytes]:
+        if clean_prefix(prefix) != prefix:
+            reason = f"the path prefix {prefix!r} is not a path like /optuna"
+            return _json(start_response, "400 Bad Request", {"reason": reason})
+        static = self._bundles.get(prefix)
+        if static is None:
+            inner = {k: v for k, v in environ.items() if not k.startswith("HTTP_")}
+            inner.update(REQUEST_METHOD="GET", QUERY_STRING="", HTTP_ACCEPT_ENCODING="identity")
+            status, headers, exc_info, body = _capture(self.application, inner)
+            rewritten = prefixed_bundle(body, prefix) if status.startswith("200") else None
+            if rewritten is None:
+                if status.startswith("200"):
+                    logger.warning("the dashboard's bundle.js is not the one hitl-pruner knows: "
+                                   "it is served unchanged, and will not work under %s", prefix)
+                start_response(status, headers, exc_info)
+                return [body]
+            static = _Static(rewritten, "application/javascript; charset=utf-8")
+            # Compressed once, as the dashboard ships its own bundle.js.gz.
+            static.gzipped = _Static(
+                gzip.compress(rewritten, compresslevel=6, mtime=0), static.content_type
+            )
+            if len(self._bundles) >= MAX_BUNDLES:
+                self._bundles.clear()
+            self._bundles[prefix] = static
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", "") and static.gzipped is not None:
+            return self._send(environ, start_response, static.gzipped, page=False,
+                              extra=[("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")])
+        return self._send(environ, start_response, static, page=False,
+                          extra=[("Vary", "Accept-Encoding")])
+
     def _file(
         self, environ: WSGIEnvironment, start_response: StartResponse, name: str, *, page: bool
     ) -> Iterable[bytes]:
         static = self._static.get(name)
         if static is None:
             return _json(start_response, "404 Not Found", {"reason": f"no such file: {name}"})
-        headers = [("ETag", static.etag), ("Cache-Control", "no-cache")]
+        return self._send(environ, start_response, static, page=page)
+
+    def _send(
+        self, environ: WSGIEnvironment, start_response: StartResponse, static: _Static, *,
+        page: bool, extra: list[tuple[str, str]] | None = None,
+    ) -> Iterable[bytes]:
+        headers = [("ETag", static.etag), ("Cache-Control", "no-cache"), *(extra or [])]
         if page:
             headers.append(("Content-Security-Policy", PAGE_CSP))
         if static.etag in environ.get("HTTP_IF_NONE_MATCH", ""):

@@ -8,11 +8,12 @@ from .app import create_app
 from .config import ConfigError
 from .config import resolve
 from .logs import setup_logging
+from .prefix import behind_proxy
 
 try:
     _settings = resolve()
     setup_logging(_settings.verbose)
-    app = create_app(_settings)
+    app = behind_proxy(create_app(_settings), _settings)
 except ConfigError as exc:
     # A clear line instead of a traceback. Exit code 4 is gunicorn's "App failed to load": it
     # stops the server, where any other code makes it boot the worker again, forever.

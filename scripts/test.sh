@@ -11,7 +11,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # does not work everywhere, so the tests drive /usr/bin/chromium.
 if ! command -v chromium >/dev/null 2>&1; then
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq chromium >/dev/null || echo "could not install chromium" >&2
+    apt-get install -y -qq chromium nginx >/dev/null || echo "could not install chromium" >&2
 fi
 
 # Start the local database servers if they are installed but stopped.

@@ -37,6 +37,36 @@
 
   const realFetch = window.fetch.bind(window);
 
+  /* -- under a path prefix ------------------------------------------------------------------ */
+
+  // Behind a proxy at e.g. /optuna, the server moves the dashboard's routes and API calls under
+  // the prefix (in its bundle), but the dashboard still writes some root-relative URLs:
+  // artifact images and links, images in notes (saved as /artifacts/...), the CSV download.
+  // Those are moved under the prefix as they are set, before the browser requests them.
+  const ROOTED = /^\/(api|artifacts|csv|static|dashboard)(\/|\?|$)/;
+  const underPrefix = (value) => (ROOTED.test(value) ? PREFIX + value : value);
+  if (PREFIX) {
+    const setAttribute = Element.prototype.setAttribute;
+    Element.prototype.setAttribute = function hitlSetAttribute(name, value) {
+      const attr = String(name).toLowerCase();
+      const moved = attr === "src" || attr === "href" ? underPrefix(String(value)) : value;
+      return setAttribute.call(this, name, moved);
+    };
+    for (const [type, prop] of [
+      [HTMLImageElement, "src"],
+      [HTMLAnchorElement, "href"],
+      [HTMLIFrameElement, "src"],
+    ]) {
+      const desc = Object.getOwnPropertyDescriptor(type.prototype, prop);
+      Object.defineProperty(type.prototype, prop, {
+        ...desc,
+        set(value) {
+          desc.set.call(this, underPrefix(String(value)));
+        },
+      });
+    }
+  }
+
   // trial_id -> {studyId, number, state: "Pruned", since}: states the server reported after a
   // note save that the dashboard has not fetched since.
   const overrides = new Map();
@@ -239,6 +269,9 @@
   };
 
   window.fetch = async function hitlFetch(input, init) {
+    if (PREFIX && typeof input === "string") {
+      input = underPrefix(input);
+    }
     const url = input instanceof Request ? input.url : String(input);
     const method = ((init && init.method) || (input instanceof Request ? input.method : "GET"))
       .toUpperCase();

@@ -1,0 +1,152 @@
+"""Behind a reverse proxy: the path prefix, and forwarded headers only from trusted proxies.
+
+``ProxyMiddleware(app, trusted=("127.0.0.1",), root_path="")`` is the outermost layer. Before
+any other layer reads the environ it sets:
+
+``SCRIPT_NAME``
+    ``root_path`` when one is configured (``--root-path /optuna``). Otherwise the value the
+    server set: gunicorn takes it from a ``SCRIPT_NAME`` request header, but only from the
+    addresses in its ``--forwarded-allow-ips``. Otherwise ``X-Forwarded-Prefix`` when the
+    request comes from a ``trusted`` address (the same list). When ``PATH_INFO`` still
+    starts with the prefix (a proxy that passed the whole path), the prefix is cut off it, so
+    the routes inside always see ``/dashboard``, ``/api/...``, ``/hitl/...``.
+``X-Forwarded-For``, ``-Proto``, ``-Host``, ``-Prefix``
+    Removed from the environ when the request does not come from a ``trusted`` address. The
+    dashboard's framework (bottle) builds absolute URLs, e.g. its redirect from ``/``, from
+    X-Forwarded-Host and -Proto whoever sent them.
+
+The scheme (``wsgi.url_scheme`` from X-Forwarded-Proto) is gunicorn's job:
+``secure_scheme_headers``, from the same ``forwarded_allow_ips``. A prefix that is not a
+plain path (``/a/b``: letters, digits, ``-._~``) is ignored. The original values are kept
+under ``environ["hitl_pruner.proxy.orig"]``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Iterable
+from typing import Union
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIApplication
+    from _typeshed.wsgi import WSGIEnvironment
+
+    from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+FORWARDED = (
+    "HTTP_X_FORWARDED_FOR",
+    "HTTP_X_FORWARDED_PROTO",
+    "HTTP_X_FORWARDED_HOST",
+    "HTTP_X_FORWARDED_PREFIX",
+)
+ORIG_KEY = "hitl_pruner.proxy.orig"
+PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+def clean_prefix(value: str) -> str | None:
+    """``/optuna`` from ``/optuna/`` or ``/optuna``; ``""`` for ``/`` or nothing; None if bad."""
+    value = value.strip().rstrip("/")
+    if not value:
+        return ""
+    return value if PREFIX.match(value) and "/../" not in value + "/" else None
+
+
+class ProxyMiddleware:
+    """Set SCRIPT_NAME from the configured or trusted prefix; drop untrusted X-Forwarded-*."""
+
+    def __init__(
+        self,
+        application: WSGIApplication,
+        *,
+        trusted: Iterable[str] = ("127.0.0.1",),
+        root_path: str = "",
+    ) -> None:
+        self.application = application
+        trusted = tuple(trusted)
+        self._trust_all = "*" in trusted
+        self._trusted: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(t, strict=False) for t in trusted if t != "*"
+        )
+        root = clean_prefix(root_path)
+        if root is None:
+            raise ValueError(f"root_path {root_path!r} is not a path like /optuna")
+        self.root_path = root
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "application":  # not set yet: no wrapped app to ask
+            raise AttributeError(name)
+        return getattr(self.application, name)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ[ORIG_KEY] = {
+            key: environ[key]
+            for key in ("SCRIPT_NAME", "PATH_INFO", *FORWARDED)
+            if key in environ
+        }
+        trusted = self._is_trusted(environ.get("REMOTE_ADDR", ""))
+        if not trusted:
+            for key in FORWARDED:
+                environ.pop(key, None)
+        prefix = self.root_path or environ.get("SCRIPT_NAME", "").rstrip("/")
+        if not prefix and trusted and "HTTP_X_FORWARDED_PREFIX" in environ:
+            # A list when proxies chain; the first is the outermost, what the browser sees.
+            raw = environ["HTTP_X_FORWARDED_PREFIX"].split(",")[0]
+            cleaned = clean_prefix(raw)
+            if cleaned is None:
+                logger.warning("ignored X-Forwarded-Prefix %r: not a path like /optuna", raw)
+            prefix = cleaned or ""
+        path = environ.get("PATH_INFO", "")
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            path = path[len(prefix):]
+        environ["SCRIPT_NAME"] = prefix
+        environ["PATH_INFO"] = path or "/"
+        return self.application(environ, start_response)
+
+    def _is_trusted(self, address: str) -> bool:
+        if self._trust_all:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:  # a Unix socket: no address, and only local processes reach it
+            return address == ""
+        return any(ip in network for network in self._trusted)
+
+
+# optuna-dashboard 0.21 compiles its router's prefix and its API client's base URL into
+# bundle.js (webpack's DefinePlugin: URL_PREFIX="/dashboard", API_ENDPOINT unset): nothing the
+# page can set moves them. Under a prefix, these two literals are rewritten in the served copy.
+BUNDLE_PATH = "/static/bundle.js"
+_ROUTER = b'url_prefix:"/dashboard"'
+_API_BASE = re.compile(rb'(this\.baseURL=\(e=>\{[^}]*\}\)\(null!=e\?e:)""(\))')
+
+
+def prefixed_bundle(bundle: bytes, prefix: str) -> bytes | None:
+    """The dashboard's bundle with its routes and API calls under ``prefix``; None if the
+    bundle does not have exactly one of each literal (another optuna-dashboard version)."""
+    encoded = prefix.encode()
+    if bundle.count(_ROUTER) != 1 or len(_API_BASE.findall(bundle)) != 1:
+        return None
+    bundle = bundle.replace(_ROUTER, b'url_prefix:"' + encoded + b'/dashboard"')
+    return _API_BASE.sub(lambda m: m[1] + b'"' + encoded + b'"' + m[2], bundle)
+
+
+def prefixed_page(page: bytes, prefix: str) -> bytes:
+    """The dashboard's index.html loading its bundle from under ``prefix``."""
+    return page.replace(
+        b'src="/static/bundle.js"', b'src="' + prefix.encode() + b'/static/bundle.js"'
+    )
+
+
+def behind_proxy(application: WSGIApplication, settings: Settings) -> ProxyMiddleware:
+    """``application`` wrapped for the proxy ``settings`` describe (the servers' last step)."""
+    return ProxyMiddleware(
+        application, trusted=settings.forwarded_allow_ips, root_path=settings.root_path
+    )
