@@ -2,7 +2,7 @@
 and ``GET /healthz``.
 
 The process tests run ``gunicorn -w 4 wsgi:app`` and two ``python -m hitl_pruner serve``
-instances on PostgreSQL and MariaDB (tests/processes.py), sweeping every 0.5 s.
+instances on PostgreSQL, MariaDB and an SQLite file (tests/processes.py), sweeping every 0.5 s.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ CHANGED = re.compile(r"\[hitl\] INFO changed study '[^']*' trial #\d+ \(id (\d+)
 BOOTED = re.compile(r"Booting worker with pid: (\d+)")
 
 
-@pytest.fixture(params=["postgresql", "mysql"])
+@pytest.fixture(params=["postgresql", "mysql", "sqlite"])
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with database(request.param, tmp_path) as url:
         yield url
