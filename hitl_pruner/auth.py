@@ -45,6 +45,7 @@ from optuna.storages import BaseStorage
 from optuna.storages import RDBStorage
 import sqlalchemy as sa
 
+from .health import HEALTH_PATH
 from .store import Note
 from .store import TrialRef
 
@@ -165,7 +166,7 @@ class AuthMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._header_key is not None:
             self._from_header(environ)
-        if self._users:
+        if self._users and not _is_health_probe(environ):
             user = self._basic_user(environ.get("HTTP_AUTHORIZATION", ""))
             if user is None:
                 return self._unauthorized(start_response)
@@ -298,3 +299,10 @@ def _parse_hash(stored: str) -> tuple[tuple[int, int, int], bytes, bytes]:
     if n < 2 or n & (n - 1) or r < 1 or p < 1 or len(digest) < 16:
         raise HashError("a password hash with impossible scrypt parameters")
     return (n, r, p), salt, digest
+
+
+def _is_health_probe(environ: WSGIEnvironment) -> bool:
+    # Orchestrators probe without credentials, and /healthz tells nothing worth a login.
+    return environ.get("PATH_INFO") == HEALTH_PATH and environ.get("REQUEST_METHOD") in (
+        "GET", "HEAD"
+    )

@@ -106,6 +106,10 @@ NOTE_LIKE = "dashboard:%:note_%"
 CHUNKS_PER_QUERY = 8
 
 
+# Processes starting together race at each step of install(): create_all and each trigger.
+ATTEMPTS = 5
+
+
 class InstallError(RuntimeError):
     """The database refused what hitl-pruner needs (tables, triggers)."""
 
@@ -232,7 +236,7 @@ class SqlStore:
         # Trigger DDL goes through the raw cursor, whose errors SQLAlchemy does not wrap.
         dbapi_error = self._engine.dialect.loaded_dbapi.Error
         try:
-            for attempt in range(3):
+            for attempt in range(ATTEMPTS):
                 try:
                     metadata.create_all(self._engine, checkfirst=True)
                     self._install_triggers()
@@ -241,7 +245,7 @@ class SqlStore:
                 except (sa.exc.OperationalError, sa.exc.ProgrammingError,
                         sa.exc.IntegrityError, dbapi_error) as exc:
                     # Another process may be installing at the same moment: look again.
-                    if attempt == 2:
+                    if attempt == ATTEMPTS - 1:
                         raise
                     logger.debug("install raced another process (%s); retrying", exc)
         except (sa.exc.DBAPIError, dbapi_error) as exc:
@@ -267,19 +271,23 @@ class SqlStore:
 
     def _bootstrap(self) -> None:
         """Queue every note written before the triggers existed, once per database."""
-        with self._engine.begin() as conn:
-            done = sa.select(meta_t.c.value).where(meta_t.c.name == "bootstrapped")
-            if conn.execute(done).first():
-                return
-            conn.execute(sa.insert(meta_t).values(name="bootstrapped", value=_utcnow().isoformat()))
-            conn.execute(
-                sa.insert(changes_t).from_select(
-                    ["study_id", "attr_key"],
-                    sa.select(attrs_t.c.study_id, attrs_t.c.key).where(
-                        attrs_t.c.key.like("dashboard:%:note_ver")
-                    ),
+        try:
+            with self._engine.begin() as conn:
+                done = sa.select(meta_t.c.value).where(meta_t.c.name == "bootstrapped")
+                if conn.execute(done).first():
+                    return
+                marker = {"name": "bootstrapped", "value": _utcnow().isoformat()}
+                conn.execute(sa.insert(meta_t).values(**marker))
+                conn.execute(
+                    sa.insert(changes_t).from_select(
+                        ["study_id", "attr_key"],
+                        sa.select(attrs_t.c.study_id, attrs_t.c.key).where(
+                            attrs_t.c.key.like("dashboard:%:note_ver")
+                        ),
+                    )
                 )
-            )
+        except sa.exc.IntegrityError:
+            pass  # another process inserted the marker first, and queued the notes with it
 
     def uninstall(self) -> None:
         with self._engine.begin() as conn:

@@ -7,11 +7,14 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian's Chromium (and nginx) for the browser and proxy tests; a Playwright browser download
+# Debian's Chromium and nginx for the browser and proxy tests; a Playwright browser download
 # does not work everywhere, so the tests drive /usr/bin/chromium.
-if ! command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq chromium nginx >/dev/null || echo "could not install chromium" >&2
+    apt-get install -y -qq "${missing[@]}" >/dev/null || echo "could not install ${missing[*]}" >&2
 fi
 
 # Start the local database servers if they are installed but stopped.

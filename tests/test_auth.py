@@ -306,6 +306,14 @@ def test_basic_auth_guards_every_route_and_names_the_user(sqlite_url: str) -> No
     assert call(app, "GET", "/api/meta", environ=basic("alice", "wonderland")).status == 200
 
 
+def test_health_probes_need_no_login_under_basic_auth(sqlite_url: str) -> None:
+    """Orchestrators probe /healthz without credentials; nothing else is let through."""
+    app = app_for(sqlite_url, basic_auth=(("alice", ALICE_HASH),))
+    assert call(app, "GET", "/healthz").status in (200, 503)  # no sweep thread runs here
+    assert call(app, "POST", "/healthz").status == 401
+    assert call(app, "GET", "/healthz/x").status == 401
+
+
 def test_only_notes_that_could_change_a_trial_are_remembered_as_refused(sqlite_url: str) -> None:
     study, ids = make_study(sqlite_url)
     app = allow_app(sqlite_url)
