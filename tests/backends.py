@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from pathlib import Path
 from typing import Iterator
+import uuid
 
 import pytest
 import sqlalchemy as sa

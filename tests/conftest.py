@@ -3,11 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import optuna
-import pytest
-
 from backends import BACKENDS
 from backends import database
+import optuna
+import pytest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from helpers import call
 import optuna
 from optuna.storages import RDBStorage
-from optuna_dashboard import save_note
 import optuna_dashboard
+from optuna_dashboard import save_note
 
-from helpers import call
 from hitl_pruner import dashboard
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
-import pytest
-
 from processes import serve_server
 from processes import wait_for
+import pytest
 
 pytestmark = pytest.mark.e2e
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from helpers import app_for
+from helpers import save
 import optuna
-import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from optuna_dashboard import save_note
-
-from helpers import app_for
-from helpers import save
+import pytest
 
 
 def journal_study(path: Path) -> tuple[str, optuna.Study, int, int]:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import sqlalchemy as sa
-from optuna.storages import RDBStorage
-from optuna.trial import TrialState
-from optuna_dashboard import get_note
-
 from helpers import app_for
 from helpers import call
 from helpers import make_study
 from helpers import save
 from helpers import state
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+from optuna_dashboard import get_note
+import pytest
+import sqlalchemy as sa
 
 
 def audit_rows(url: str) -> list[sa.Row]:

@@ -6,17 +6,17 @@ import logging
 import threading
 import time
 
-import optuna
-import pytest
-import sqlalchemy as sa
-from optuna.storages import RDBStorage
-from optuna.trial import TrialState
-from optuna_dashboard import save_note
-
 from helpers import app_for
 from helpers import make_study
 from helpers import save
 from helpers import state
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+from optuna_dashboard import save_note
+import pytest
+import sqlalchemy as sa
+
 from hitl_pruner.dashboard import note_str_key_prefix
 from hitl_pruner.dashboard import note_ver_key
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import pytest
 from optuna.trial import TrialState as S
+import pytest
 
 from hitl_pruner.commands import Command as C
 from hitl_pruner.transitions import Action as A
