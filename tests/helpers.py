@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+import sqlalchemy as sa
 
 from hitl_pruner import Settings
 from hitl_pruner import create_app
@@ -42,6 +43,16 @@ def make_study(url: str, name: str = "s") -> tuple[optuna.Study, dict[str, int]]
 
 def state(url: str, trial_id: int) -> TrialState:
     return RDBStorage(url).get_trial(trial_id).state
+
+
+def audit_rows(url: str) -> list[sa.Row]:
+    """Every hitl_audit row, oldest first."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT * FROM hitl_audit ORDER BY id")).all()
+    finally:
+        engine.dispose()
 
 
 def app_for(url: str, **settings: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from helpers import app_for
+from helpers import audit_rows
 from helpers import call
 from helpers import make_study
 from helpers import save
@@ -13,16 +14,6 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from optuna_dashboard import get_note
 import pytest
-import sqlalchemy as sa
-
-
-def audit_rows(url: str) -> list[sa.Row]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text("SELECT * FROM hitl_audit ORDER BY id")).all()
-    finally:
-        engine.dispose()
 
 
 def test_a_prune_note_ends_a_running_trial_before_the_response(storage_url: str) -> None:

@@ -20,7 +20,6 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 import pytest
-import sqlalchemy as sa
 
 STEP_SECONDS = 0.05
 STEPS = 40  # two seconds a trial: time for the test to pick a running trial and act on it
@@ -84,6 +83,7 @@ if __name__ == "__main__":
 
 # --- the tests -------------------------------------------------------------------------------
 
+from helpers import audit_rows  # noqa: E402
 from processes import Server  # noqa: E402
 from processes import child_env  # noqa: E402
 from processes import serve_server  # noqa: E402
@@ -148,15 +148,6 @@ def running_trial(storage: RDBStorage, study_id: int, taken: set[int], min_steps
     return trial
 
 
-def audit(url: str) -> list[sa.Row]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text("SELECT * FROM hitl_audit ORDER BY id")).all()
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("backend, n_workers", [("sqlite", 2), ("postgres", 4)])
 def test_parallel_workers_survive_a_human_prune_fail_and_fail_button(
     backend: str, n_workers: int, request: pytest.FixtureRequest, tmp_path: Path
@@ -196,8 +187,8 @@ def test_parallel_workers_survive_a_human_prune_fail_and_fail_button(
         others = [t for tid, t in trials.items() if tid not in taken]
         assert all(t.state is TrialState.COMPLETE for t in others)
 
-        rows = wait_for(lambda: len(audit(url)) == 3 and audit(url), what="three audit rows",
-                        servers=[server])
+        rows = wait_for(lambda: len(audit_rows(url)) == 3 and audit_rows(url),
+                        what="three audit rows", servers=[server])
         assert sorted((r.trial_id, r.to_state, r.source, r.how) for r in rows) == sorted([
             (pruned._trial_id, "PRUNED", "note-save", "worker"),
             (failed._trial_id, "FAIL", "note-save", "worker"),
@@ -222,7 +213,7 @@ def test_a_worker_without_the_wrapper_is_forced_at_once_and_its_optimize_aborts(
         code, ran, err = procs[0].finish(timeout=60)
     assert code != 0 and "Cannot tell a PRUNED trial" in err
     assert len(ran) < 4
-    [row] = audit(postgres_url)
+    [row] = audit_rows(postgres_url)
     assert (row.trial_id, row.to_state, row.how) == (target._trial_id, "PRUNED", "forced")
     assert "forced at once" in server.output
 
@@ -243,7 +234,7 @@ def test_a_hung_cooperative_worker_is_forced_after_the_grace_period(
         wait_for(lambda: storage.get_trial(target._trial_id).state is TrialState.PRUNED,
                  what="the trial forced", servers=[server])
         assert time.monotonic() - asked >= grace
-        rows = wait_for(lambda: audit(postgres_url), what="the audit row", servers=[server])
+        rows = wait_for(lambda: audit_rows(postgres_url), what="the audit row", servers=[server])
     assert [(r.trial_id, r.to_state, r.how) for r in rows] == [
         (target._trial_id, "PRUNED", "grace")
     ]
