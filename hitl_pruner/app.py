@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from optuna.storages import BaseStorage
@@ -29,31 +30,47 @@ from .ui import UiMiddleware
 
 logger = logging.getLogger("hitl_pruner")
 
+# Workers that start together on a new database race to create Optuna's tables.
+OPEN_ATTEMPTS = 5
+
 
 def open_storage(settings: Settings) -> BaseStorage:
     url = settings.url
     if url is None:
         return JournalStorage(JournalFileBackend(settings.storage_url))
     engine_kwargs = {"connect_args": settings.connect_args()} if settings.cert_path else {}
-    try:
-        return RDBStorage(
-            url.render_as_string(hide_password=False),
-            # No pool_pre_ping: it costs a round trip per checkout, as much as our whole check
-            # on PostgreSQL. A dropped connection fails one request and leaves the pool; the
-            # sweep retries. (Optuna turns it on for MySQL itself.)
-            engine_kwargs=engine_kwargs,
-        )
-    except sa.exc.DBAPIError as exc:
-        first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise ConfigError(
-            f"cannot open the storage {settings.display_url}: {first_line}{_tls_hint(first_line)}"
-        ) from None
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        cause = exc.__cause__ or exc
-        raise ConfigError(
-            f"cannot use the storage URL {settings.display_url}: {cause}; the drivers installed "
-            "are postgresql+psycopg2:// and mysql+pymysql://"
-        ) from None
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        try:
+            return RDBStorage(
+                url.render_as_string(hide_password=False),
+                # No pool_pre_ping: it costs a round trip per checkout, as much as our whole
+                # check on PostgreSQL. A dropped connection fails one request and leaves the
+                # pool; the sweep retries. (Optuna turns it on for MySQL itself.)
+                engine_kwargs=engine_kwargs,
+            )
+        except sa.exc.DBAPIError as exc:
+            if attempt < OPEN_ATTEMPTS and _created_meanwhile(exc):
+                # Workers starting together on a new database all create Optuna's tables.
+                time.sleep(0.1 * attempt)
+                continue
+            first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise ConfigError(
+                f"cannot open the storage {settings.display_url}: "
+                f"{first_line}{_tls_hint(first_line)}"
+            ) from None
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+            cause = exc.__cause__ or exc
+            raise ConfigError(
+                f"cannot use the storage URL {settings.display_url}: {cause}; the drivers "
+                "installed are postgresql+psycopg2:// and mysql+pymysql://"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _created_meanwhile(exc: sa.exc.DBAPIError) -> bool:
+    """Whether another process was creating Optuna's tables at the same moment."""
+    text = str(exc.orig).lower()
+    return isinstance(exc, sa.exc.IntegrityError) or "already exists" in text
 
 
 def _pinger(engine: sa.Engine) -> Callable[[], object]:

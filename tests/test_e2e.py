@@ -381,6 +381,11 @@ def test_restart_applies_notes_written_while_down_and_nothing_twice(
     # The first server's sweep stays idle: the notes it applied on save are still queued
     # when it stops, and the next server's sweep meets them.
     with launch("gunicorn", storage_url, tmp_path, interval=SWEEP_IDLE) as before:
+        # Its one sweep at start must be over before the saves, or it may drain them.
+        wait_for(
+            lambda: before.get_json("/healthz")["sweep"]["seconds_since_last_run"] is not None,
+            what="the first server's first sweep", servers=[before],
+        )
         replies = [
             before.put_note(sid, pruned, 1, "PRUNE"),
             before.put_note(sid, relabelled, 1, "FAIL: leaked labels"),
