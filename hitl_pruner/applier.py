@@ -241,6 +241,13 @@ class Applier:
             # Often the sweep (or another server) applied this very note a moment earlier:
             # decide again on the state as it is now, once.
             fresh = self.store.trials([ref.trial_id]).get(ref.trial_id) if retry else None
+            if fresh is not None and fresh.state == entry.to_state:
+                # The sweep or another server carried out this same change first.
+                return Outcome(
+                    decision.action.value, f"{decision.reason} (applied a moment earlier by "
+                    "the sweep or another server)", ref.trial_id, entry.from_state,
+                    entry.to_state,
+                )
             if fresh is not None and fresh.state != ref.state:
                 return self._carry_out(
                     fresh, command, note_version, source=source, user=user, retry=False

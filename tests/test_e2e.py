@@ -213,6 +213,11 @@ def test_note_save_prunes_running_trial_at_once(
     for _ in range(100):
         db.storage.create_new_trial(sid)
     with launch(launcher, storage_url, tmp_path, interval=SWEEP_IDLE) as server:
+        # Its one sweep at start must be over, or it may apply the note before the save does.
+        wait_for(
+            lambda: server.get_json("/healthz")["sweep"]["seconds_since_last_run"] is not None,
+            what="the first sweep", servers=[server],
+        )
         started = time.monotonic()
         before = server.trial_states(sid)  # fills the dashboard's trial cache
         reply = server.put_note(sid, tid, 1, "loss diverged at step 3\n\nPRUNE")
