@@ -12,6 +12,7 @@ backend) pairs are spread so that each entry point meets each backend somewhere.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 import re
 import time
@@ -146,7 +147,29 @@ def db(storage_url: str) -> Iterator[Db]:
         database.close()
 
 
+@contextlib.contextmanager
 def launch(
+    launcher: str,
+    url: str,
+    tmp_path: Path,
+    *,
+    ready: Ready = "http",
+    interval: float = INTERVAL,
+    **kwargs: Any,
+) -> Iterator[Any]:
+    """_launch(); with an idle sweep, wait until its one run at start is over, so that it
+    cannot apply a note the test saves before the save does (it may start late: MariaDB)."""
+    with _launch(launcher, url, tmp_path, ready=ready, interval=interval, **kwargs) as server:
+        if ready == "http" and interval == SWEEP_IDLE:
+            wait_for(
+                lambda: server.get_json("/healthz")["sweep"]["seconds_since_last_run"]
+                is not None,
+                what="the start-up sweep", servers=[server],
+            )
+        yield server
+
+
+def _launch(
     launcher: str,
     url: str,
     tmp_path: Path,
@@ -213,11 +236,6 @@ def test_note_save_prunes_running_trial_at_once(
     for _ in range(100):
         db.storage.create_new_trial(sid)
     with launch(launcher, storage_url, tmp_path, interval=SWEEP_IDLE) as server:
-        # Its one sweep at start must be over, or it may apply the note before the save does.
-        wait_for(
-            lambda: server.get_json("/healthz")["sweep"]["seconds_since_last_run"] is not None,
-            what="the first sweep", servers=[server],
-        )
         started = time.monotonic()
         before = server.trial_states(sid)  # fills the dashboard's trial cache
         reply = server.put_note(sid, tid, 1, "loss diverged at step 3\n\nPRUNE")
@@ -386,11 +404,6 @@ def test_restart_applies_notes_written_while_down_and_nothing_twice(
     # The first server's sweep stays idle: the notes it applied on save are still queued
     # when it stops, and the next server's sweep meets them.
     with launch("gunicorn", storage_url, tmp_path, interval=SWEEP_IDLE) as before:
-        # Its one sweep at start must be over before the saves, or it may drain them.
-        wait_for(
-            lambda: before.get_json("/healthz")["sweep"]["seconds_since_last_run"] is not None,
-            what="the first server's first sweep", servers=[before],
-        )
         replies = [
             before.put_note(sid, pruned, 1, "PRUNE"),
             before.put_note(sid, relabelled, 1, "FAIL: leaked labels"),
