@@ -5,8 +5,9 @@ browser download is never used. Without Chromium or the playwright package these
 locally and fail when CI=true. Every page's console is collected: an error there (ours or the
 dashboard's) or an uncaught exception fails the test.
 
-The SQLite run of the main flow writes docs/buttons.png and docs/actions.png, the README's
-screenshots.
+The SQLite run of the main flow takes buttons.png and actions.png, the README's screenshots:
+into the test's tmp_path, or into the folder HITL_TEST_SCREENSHOTS names (``docs`` to refresh
+the README's copies), so a test run leaves the work tree as it was.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from optuna_dashboard import ObjectiveSliderWidget
 from optuna_dashboard import register_objective_form_widgets
-from processes import REPO_ROOT
 from processes import Server
 from processes import gunicorn_server
 from processes import wait_for
@@ -47,7 +47,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-DOCS = REPO_ROOT / "docs"
 VIEWPORT = {"width": 1400, "height": 900}
 # The issue's promise: the new state shows within a second of the save.
 SHOWN_WITHIN = 1.0
@@ -249,9 +248,10 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         page.mouse.move(VIEWPORT["width"] - 1, VIEWPORT["height"] - 1)
         page.evaluate("document.activeElement && document.activeElement.blur()")
         page.wait_for_function("!document.querySelector('.MuiTouchRipple-child')")
+        shots = Path(os.environ.get("HITL_TEST_SCREENSHOTS") or tmp_path)
         if name == "sqlite":
-            DOCS.mkdir(exist_ok=True)
-            page.screenshot(path=str(DOCS / "buttons.png"))
+            shots.mkdir(exist_ok=True)
+            page.screenshot(path=str(shots / "buttons.png"))
 
         # FAIL typed into the note editor of a COMPLETE trial relabels it.
         open_trial(page, 0, ids[0])
@@ -279,7 +279,7 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         assert "RUNNING \u2192 PRUNED" in rows.nth(1).inner_text()
         assert rows.nth(1).locator("button").count() == 0
         if name == "sqlite":
-            page.screenshot(path=str(DOCS / "actions.png"))
+            page.screenshot(path=str(shots / "actions.png"))
         rows.first.locator("button.hitl-btn-undo").click()
         page.locator(".hitl-toast[data-action=applied]", has_text="FAIL \u2192 COMPLETE").wait_for()
         wait_for(lambda: rows.count() == 3, timeout=5, what="the undo in the list")
