@@ -144,7 +144,8 @@ def test_the_actions_page(sqlite_url: str) -> None:
 def test_the_package_ships_its_static_files() -> None:
     """pyproject.toml's package-data must list what UiMiddleware serves."""
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert re.search(r'hitl_pruner = \[[^\]]*"static/\*"', pyproject)
+    assert re.search(r'packages = \[[^\]]*"hitl_pruner.static"', pyproject)
+    assert re.search(r'"hitl_pruner.static" = \[[^\]]*"\*"', pyproject)
     assert {p.name for p in STATIC_DIR.iterdir()} >= {"hitl.js", "hitl.css", "actions.html"}
 
 
