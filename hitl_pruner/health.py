@@ -6,7 +6,9 @@ has died. ``sweep`` says, for the process that answered: ``alive`` (its thread r
 ``active`` (it holds the sweep lock, so it is the one sweeping), ``seconds_since_last_run``
 (null if this process has not swept yet) and ``failures`` (failed rounds in a row).
 
-It names no URL, host, setting or error text: a probe may be answered to anyone.
+It names no URL, host, setting or error text: a probe may be answered to anyone. What it
+sees goes into the process's :class:`~hitl_pruner.outage.DatabaseState`, when given, so that a
+probe may be the first to notice an outage, or its end (each logged once).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from typing import Callable
 from typing import Iterable
 
+from . import outage
 from .sweep import Sweeper
 
 if TYPE_CHECKING:
@@ -31,15 +34,27 @@ HEALTH_PATH = "/healthz"
 
 
 class Health:
-    def __init__(self, ping: Callable[[], object], sweeper: Sweeper | None) -> None:
+    def __init__(
+        self,
+        ping: Callable[[], object],
+        sweeper: Sweeper | None,
+        *,
+        state: outage.DatabaseState | None = None,
+    ) -> None:
         self.ping = ping
         self.sweeper = sweeper
+        self.state = state
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         try:
-            self.ping()
+            # A connection that died in the pool (after a restart) is not an outage.
+            outage.retry_stale(self.ping)
             database = "ok"
+            if self.state is not None:
+                self.state.answered()
         except Exception as exc:
+            if self.state is not None and outage.unavailable(exc):
+                self.state.failed(exc)
             # The details go to our log only.
             logger.debug("health check: the database did not answer (%s: %s)",
                            type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc) else "")

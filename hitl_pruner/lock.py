@@ -84,12 +84,19 @@ class _DbLock:
     def try_acquire(self) -> bool:
         if self._held:
             return True
-        if self._conn is None:
-            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            # Out of the pool: closing it closes the connection, which is what releases a lock
-            # whose release statement could not be sent. A pooled one would keep the lock.
-            conn.detach()
-            self._conn = conn
+        if self._conn is not None:
+            try:
+                self._held = self._acquire_sql(self._conn)
+                return self._held
+            except Exception:
+                # The connection kept while waiting died (a database restart): ask again now
+                # on a new one, so that a waiting process takes over within the interval.
+                self._close()
+        conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        # Out of the pool: closing it closes the connection, which is what releases a lock
+        # whose release statement could not be sent. A pooled one would keep the lock.
+        conn.detach()
+        self._conn = conn
         try:
             self._held = self._acquire_sql(self._conn)
         except BaseException:

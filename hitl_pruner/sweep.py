@@ -10,7 +10,9 @@ import logging
 import os
 import threading
 import time
+from typing import Callable
 
+from . import outage
 from .applier import Applier
 from .lock import SweepLock
 from .store import Change
@@ -19,6 +21,7 @@ from .store import Store
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+# After a bug (not an outage), wait longer each time, up to this, so as not to flood the log.
 MAX_BACKOFF = 300.0
 
 
@@ -39,15 +42,29 @@ class Sweeper:
     Without a lock every process sweeps. With one (lock.py), the thread of every process keeps
     looping, but only the holder sweeps; the others try to take the lock each interval. The
     lock is taken by the loop, not by ``run_once``, which stays callable directly.
+
+    While the database is unavailable (outage.py) the loop tries again every interval, first
+    with ``ping``, and sweeps in the round the database answers again, so queued commands wait
+    at most one interval after it is back. The outage is logged once by ``state``, not per round.
+    Any other error is a bug: logged with its traceback, and retried after a growing pause.
     """
 
     def __init__(
-        self, applier: Applier, store: Store, *, interval: float, lock: SweepLock | None = None
+        self,
+        applier: Applier,
+        store: Store,
+        *,
+        interval: float,
+        lock: SweepLock | None = None,
+        state: outage.DatabaseState | None = None,
+        ping: Callable[[], object] | None = None,
     ) -> None:
         self.applier = applier
         self.store = store
         self.interval = interval
         self.lock = lock
+        self.state = state if state is not None else outage.DatabaseState()
+        self.ping = ping
         self.last_run: float | None = None
         # When the loop last went round (swept, or tried for the lock), and its failures since.
         self.last_tick: float | None = None
@@ -155,20 +172,35 @@ class Sweeper:
             return True
         return False
 
+    def _round(self) -> None:
+        """One turn of the loop: after an outage, ping first; sweep if it is our turn."""
+        if self.state.down and self.ping is not None:
+            outage.retry_stale(self.ping)  # raises while the database is still away
+            self.state.answered()
+        # After a quick restart the lock's connection is the first to fail, which makes the
+        # pool drop its connections too, so the sweep that follows gets new ones.
+        if self._my_turn():
+            self.run_once()
+        self.state.answered()
+
     def _loop(self) -> None:
         delay = 0.0  # first sweep at once: it picks up notes saved while we were down
         try:
             while not self._stop.wait(delay):
                 try:
-                    if self._my_turn():
-                        self.run_once()
+                    self._round()
                     self.failures = 0
                     delay = self.interval
-                except Exception:
-                    # A database outage must not end the sweep: back off and try again.
+                except Exception as exc:
                     self.failures += 1
-                    delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
-                    logger.exception("sweep failed; retrying in %.0f s", delay)
+                    if outage.unavailable(exc):
+                        # An outage ends the sweep neither, nor slows it: the queue waits for
+                        # the database, and is applied in the round the database answers.
+                        self.state.failed(exc)
+                        delay = self.interval
+                    else:
+                        delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
+                        logger.exception("sweep failed; retrying in %.0f s", delay)
                 self.last_tick = time.time()
         finally:
             if self.lock is not None and self.lock.held:
