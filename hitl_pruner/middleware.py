@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 from typing import TYPE_CHECKING
 from typing import Any
@@ -15,9 +14,17 @@ from typing import Iterable
 
 from optuna.trial import TrialState
 
+from . import outage
 from .applier import Applier
 from .commands import Command
 from .health import HEALTH_PATH
+from .routes import MAX_ID
+from .routes import PLAIN_FORM
+from .routes import SAFE_METHODS
+from .routes import TELL
+from .routes import TRIAL_NOTE
+from .routes import dashboard_path
+from .routes import mutating_route
 from .store import Note
 from .store import Store
 from .sweep import Sweeper
@@ -29,12 +36,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The dashboard strips trailing slashes before routing, so we match them too.
-NOTE_PATH = re.compile(r"^/api/studies/(\d+)/(\d+)/note/*$")
-# The dashboard's "Fail Trial" button: POST {"state": "Fail"}.
-TELL_PATH = re.compile(r"^/api/trials/(\d+)/tell/*$")
-# A tell body is a few bytes; anything larger goes to the dashboard unread by us.
+# A tell body is a few bytes: {"state": "Fail"}, or Complete with the objective values.
 MAX_TELL_REQUEST = 64 * 1024
+# The only bodies bottle reads as JSON (its request.json), compared as bottle compares them.
+JSON_TYPES = ("application/json", "application/json-rpc")
 OUTCOME_HEADER = "X-Hitl-Outcome"
 # optuna-dashboard lifts bottle's body limit to 128 MiB for artifact uploads, and stores a note
 # as one write per 2045 characters: a megabyte note would be ~500 transactions. Notes get less.
@@ -51,8 +56,21 @@ class HitlMiddleware:
     ``POST /api/trials/<trial_id>/tell`` with state Fail (the dashboard's Fail Trial button) on
     a RUNNING or WAITING trial takes the same path as a FAIL note: a worker using
     HumanInTheLoopPruner is asked, any other is forced, and the change is audited; the answer is
-    a 204 with the same header. ``GET /healthz`` is answered by ``health`` (health.py), when
-    given. Every other request passes through untouched.
+    a 204 with the same header. Other tells go to the dashboard once checked: a JSON object
+    (Content-Type as the dashboard reads it, 415 otherwise) of at most 64 KiB (413) with a
+    string ``state`` (400), for a trial that exists (404) and is RUNNING or WAITING (409).
+
+    Deny by default: a request with any method but GET, HEAD or OPTIONS passes only when it
+    names one of the dashboard's state-changing routes in plain form (routes.py): upper-case
+    method, ASCII path, ids in ASCII digits without sign or leading zeros and below 2**63,
+    trailing slashes allowed. Anything else, e.g. ``/api/studies/1/%D9%A3/note`` (which the
+    dashboard would read as trial 3) or ``/api/studies/1/-2/note``, gets a JSON 404 and never
+    reaches the dashboard. So no spelling of the note or tell route skips the checks above.
+
+    Bodies we read are handed on as exactly those bytes (a fixed ``CONTENT_LENGTH``, no
+    ``Transfer-Encoding`` for the dashboard to decode again). Bad input gets a JSON 4xx with a
+    reason, never a 5xx. ``GET /healthz`` is answered by ``health`` (health.py), when given.
+    Every other request (GET, HEAD, OPTIONS) passes through untouched.
     """
 
     def __init__(
@@ -80,20 +98,25 @@ class HitlMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._autostart and self._pid != os.getpid():
             self.start_background()
-        if (
-            self.health is not None
-            and environ.get("PATH_INFO") == HEALTH_PATH
-            and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
-        ):
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        # bottle upper-cases the method: "get" is a GET to it, and reads nothing but GET's routes.
+        if self.health is not None and path == HEALTH_PATH and method.upper() in ("GET", "HEAD"):
             return self.health(environ, start_response)
-        if environ.get("REQUEST_METHOD") == "PUT":
-            match = NOTE_PATH.match(environ.get("PATH_INFO", ""))
-            if match:
-                return self._save_note(environ, start_response, int(match[1]), int(match[2]))
-        elif environ.get("REQUEST_METHOD") == "POST":
-            match = TELL_PATH.match(environ.get("PATH_INFO", ""))
-            if match:
-                return self._tell(environ, start_response, int(match[1]))
+        if method.upper() in SAFE_METHODS:
+            return self.app(environ, start_response)
+        route = mutating_route(method, path)
+        if route is None:
+            seen = dashboard_path(path)
+            plain = seen in (None, path.rstrip("/") or "/")
+            read_as = "" if plain else f" (the dashboard would read {seen!r})"
+            reason = f"no route for {method} {path!r}{read_as}: {PLAIN_FORM}"
+            return _json(start_response, "404 Not Found", {"reason": reason})
+        name, ids = route
+        if name == TRIAL_NOTE:
+            return self._save_note(environ, start_response, ids[0], ids[1])
+        if name == TELL:
+            return self._tell(environ, start_response, ids[0])
         return self.app(environ, start_response)
 
     def start_background(self) -> None:
@@ -115,14 +138,8 @@ class HitlMiddleware:
     def _save_note(
         self, environ: WSGIEnvironment, start_response: StartResponse, study_id: int, trial_id: int
     ) -> Iterable[bytes]:
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            length = -1
-        raw = b"" if length > MAX_NOTE_REQUEST else environ["wsgi.input"].read(
-            length if length >= 0 else MAX_NOTE_REQUEST + 1
-        )
-        if length > MAX_NOTE_REQUEST or len(raw) > MAX_NOTE_REQUEST:
+        raw = _read_body(environ, MAX_NOTE_REQUEST)
+        if raw is None:
             reason = (
                 f"the note is too long: at most {MAX_NOTE_REQUEST // 1024} KiB per save "
                 "(long notes are stored as many small writes); attach large text as an artifact"
@@ -131,7 +148,6 @@ class HitlMiddleware:
         request, problem = _parse(raw)
         if problem:
             return _json(start_response, "400 Bad Request", {"reason": problem})
-        environ["wsgi.input"] = io.BytesIO(raw)
         # The dashboard reads JSON only under this content type, and fails with a 500 without it.
         environ["CONTENT_TYPE"] = "application/json"
         ref = self.store.trials([trial_id]).get(trial_id)
@@ -159,9 +175,12 @@ class HitlMiddleware:
                     user=environ.get("REMOTE_USER") or None,
                 )
                 headers.append((OUTCOME_HEADER, outcome.header()))
-            except Exception:
+            except Exception as exc:
                 # The note is saved and queued: the sweep applies it once the database answers.
-                logger.exception("applying the note of trial id %d failed", trial_id)
+                if outage.unavailable(exc):
+                    outage.report(environ, exc)  # once per outage, not per request
+                else:
+                    logger.exception("applying the note of trial id %d failed", trial_id)
                 headers.append(
                     (OUTCOME_HEADER, json.dumps({"action": "error", "reason": "retried by sweep"}))
                 )
@@ -172,51 +191,114 @@ class HitlMiddleware:
     def _tell(
         self, environ: WSGIEnvironment, start_response: StartResponse, trial_id: int
     ) -> Iterable[bytes]:
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_TELL_REQUEST:
-            return self.app(environ, start_response)
-        raw = environ["wsgi.input"].read(length)
-        environ["wsgi.input"] = io.BytesIO(raw)
-        try:
-            state = json.loads(raw).get("state")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            state = None
-        # The dashboard reads the state case-insensitively; anything else stays its business.
-        if not isinstance(state, str) or state.upper() != TrialState.FAIL.name:
-            return self.app(environ, start_response)
+        raw = _read_body(environ, MAX_TELL_REQUEST)
+        if raw is None:
+            reason = f"a tell is a few bytes: at most {MAX_TELL_REQUEST // 1024} KiB"
+            return _json(start_response, "413 Request Entity Too Large", {"reason": reason})
+        content_type = environ.get("CONTENT_TYPE", "")
+        if content_type.lower().split(";")[0] not in JSON_TYPES:
+            # The dashboard would read no body at all, and fail.
+            reason = f"send the body as JSON (Content-Type: application/json), not {content_type!r}"
+            return _json(start_response, "415 Unsupported Media Type", {"reason": reason})
+        request, problem = _json_object(raw, '{"state": "Fail"}')
+        if problem:
+            return _json(start_response, "400 Bad Request", {"reason": problem})
+        state = request.get("state")
+        if not isinstance(state, str):
+            reason = "\"state\" must be \"Complete\" (with \"values\") or \"Fail\""
+            return _json(start_response, "400 Bad Request", {"reason": reason})
         ref = self.store.trials([trial_id]).get(trial_id)
-        if ref is None or ref.state not in (TrialState.RUNNING, TrialState.WAITING):
+        if ref is None:
+            reason = f"there is no trial with trial_id={trial_id}"
+            return _json(start_response, "404 Not Found", {"reason": reason})
+        if ref.state not in (TrialState.RUNNING, TrialState.WAITING):
+            reason = (
+                f"trial_id={trial_id} is {ref.state.name}: only a RUNNING or WAITING trial can be "
+                "told its result; relabel a finished trial with FAIL or PRUNE in its note"
+            )
+            return _json(start_response, "409 Conflict", {"reason": reason})
+        # The dashboard reads the state case-insensitively; a Complete stays its business.
+        if state.upper() != TrialState.FAIL.name:
+            if state.upper() == TrialState.COMPLETE.name and _told_values(request):
+                # The human's own verdict is the latest word on the trial: an open request to
+                # its worker is dropped first, or the sweep would relabel the told trial.
+                self.applier.human_told(
+                    ref, TrialState.COMPLETE, environ.get("REMOTE_USER") or None
+                )
             return self.app(environ, start_response)
         try:
             outcome = self.applier.command(
                 ref, Command.FAIL, source="fail-button", user=environ.get("REMOTE_USER") or None
             )
-        except Exception:
+        except Exception as exc:
+            if outage.unavailable(exc):
+                raise  # OutageMiddleware answers 503 with Retry-After, and logs the outage once
             logger.exception("failing trial id %d failed", trial_id)
-            return _json(start_response, "503 Service Unavailable",
-                         {"reason": "the database did not answer; try again"})
+            return _json(start_response, "500 Internal Server Error",
+                         {"reason": "internal server error"})
         if outcome.action == "not monitored":
             return self.app(environ, start_response)
         start_response("204 No Content", [(OUTCOME_HEADER, outcome.header())])
         return []
 
 
+def _read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
+    """The request's body, or None when it is longer than ``limit`` bytes.
+
+    The wrapped app then reads exactly these bytes: ``wsgi.input`` is replaced, with their
+    length in ``CONTENT_LENGTH`` and no ``Transfer-Encoding``, which bottle would take as a
+    request to undo a chunked framing the server has undone already.
+    """
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        length = -1
+    if length > limit:
+        return None
+    raw = environ["wsgi.input"].read(length if length >= 0 else limit + 1)
+    if len(raw) > limit:
+        return None
+    environ["wsgi.input"] = io.BytesIO(raw)
+    environ["CONTENT_LENGTH"] = str(len(raw))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    return raw
+
+
+def _told_values(request: dict[str, Any]) -> bool:
+    """Whether the dashboard will accept the tell's values, as it reads them."""
+    try:
+        [float(v) for v in request["values"]]
+    except (KeyError, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _json_object(raw: bytes, example: str) -> tuple[dict[str, Any], str | None]:
+    """The body as a JSON object, read as the dashboard reads it (UTF-8), or why not."""
+    try:
+        request = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return {}, f"the body must be JSON in UTF-8: {example}"
+    if not isinstance(request, dict):
+        return {}, f"the body must be a JSON object: {example}"
+    return request, None
+
+
 def _parse(raw: bytes) -> tuple[dict[str, Any], str | None]:
     """Check a note-save body; return it, or the reason it cannot be saved."""
-    try:
-        request = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}, "the body must be JSON: {\"version\": <int>, \"body\": <string>}"
-    if not isinstance(request, dict):
-        return {}, "the body must be a JSON object: {\"version\": <int>, \"body\": <string>}"
+    request, problem = _json_object(raw, "{\"version\": <int>, \"body\": <string>}")
+    if problem:
+        return {}, problem
     version, body = request.get("version"), request.get("body")
-    if not isinstance(version, int) or isinstance(version, bool):
+    # Versions count saves from 1; a larger one than the database holds is no next version.
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_ID:
         return {}, "\"version\" must be an integer: the stored version + 1"
     if not isinstance(body, str):
         return {}, "\"body\" must be a string"
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        return {}, "\"body\" must be text: it holds an unpaired surrogate (\\ud800-\\udfff)"
     return request, None
 
 

@@ -31,7 +31,9 @@ answers ``GET /`` with a redirect to ``<prefix>/dashboard``, loads the dashboard
 ``<prefix>/static/bundle.js``, and serves that bundle with its routes and API calls moved
 under the prefix (see :func:`~hitl_pruner.prefix.prefixed_bundle`).
 
-Every other request goes to the wrapped app untouched. Attributes this class does not have
+Ids in these paths are read in plain form only (routes.py: ASCII digits, no sign or leading
+zero, below 2**63); any other spelling is a JSON 404. Every other request goes to the wrapped
+app untouched. Attributes this class does not have
 (``start_background``, ``stop_background``, ``sweeper``, ``store``, ``app`` ...) are the
 wrapped middleware's, so ``create_app`` can return it in HitlMiddleware's place.
 """
@@ -52,6 +54,7 @@ from typing import Any
 from typing import Iterable
 from urllib.parse import parse_qs
 
+from . import outage
 from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
@@ -60,6 +63,9 @@ from .prefix import BUNDLE_PATH
 from .prefix import clean_prefix
 from .prefix import prefixed_bundle
 from .prefix import prefixed_page
+from .routes import ID
+from .routes import dashboard_path
+from .routes import ids
 from .store import Note
 from .store import TrialRef
 from .transitions import Action
@@ -73,10 +79,12 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 # The dashboard serves its single-page app for every path under /dashboard.
+# Matched on the path as the dashboard reads it (routes.dashboard_path): any spelling it serves.
 DASHBOARD_PAGE = re.compile(r"^/dashboard(/.*)?$")
-STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)$")
-TRIAL_PATH = re.compile(r"^/hitl/api/studies/(\d+)/(\d+)$")
-UNDO_PATH = re.compile(r"^/hitl/api/actions/(\d+)/undo$")
+STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)\Z")
+# Ids in plain form only, as routes.py: ASCII digits, no sign or leading zero, below 2**63.
+TRIAL_PATH = re.compile(rf"^/hitl/api/studies/{ID}/{ID}\Z")
+UNDO_PATH = re.compile(rf"^/hitl/api/actions/{ID}/undo\Z")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 # Undo looks its action up among this many newest ones; an older one was superseded anyway
@@ -166,11 +174,13 @@ class UiMiddleware:
                 return []
             try:
                 return self._hitl(environ, start_response, method, path.rstrip("/"))
-            except Exception:
+            except Exception as exc:
+                if outage.unavailable(exc):
+                    raise  # OutageMiddleware answers 503 with Retry-After, and logs it once
                 logger.exception("%s %s failed", method, path)
                 return _json(start_response, "500 Internal Server Error",
                              {"reason": "internal server error"})
-        if method in ("GET", "HEAD") and DASHBOARD_PAGE.match(path):
+        if method in ("GET", "HEAD") and DASHBOARD_PAGE.match(dashboard_path(path) or ""):
             return self._page(environ, start_response, method)
         prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
         if prefix and method in ("GET", "HEAD"):
@@ -196,16 +206,16 @@ class UiMiddleware:
             if method != "GET":
                 return _not_allowed(start_response, "GET")
             return self._actions(environ, start_response)
-        trial = TRIAL_PATH.match(path)
-        if trial:
+        trial = ids(TRIAL_PATH, path)
+        if trial is not None:
             if method != "GET":
                 return _not_allowed(start_response, "GET")
-            return self._trial(start_response, int(trial[1]), int(trial[2]))
-        undo = UNDO_PATH.match(path)
-        if undo:
+            return self._trial(start_response, trial[0], trial[1])
+        undo = ids(UNDO_PATH, path)
+        if undo is not None:
             if method != "POST":
                 return _not_allowed(start_response, "POST")
-            return self._undo(environ, start_response, int(undo[1]))
+            return self._undo(environ, start_response, undo[0])
         return _json(start_response, "404 Not Found", {"reason": f"no such page: {path}"})
 
     # -- the dashboard's page -------------------------------------------------------------
