@@ -13,12 +13,18 @@ from optuna.trial import TrialState
 
 from .audit import AFTER_GRACE
 from .audit import BY_WORKER
+from .audit import FAIL_BUTTON
+from .audit import FORCED
+from .audit import NOTE_SAVE
+from .audit import SWEEP  # the source of notes nobody saved through us (no user)
 from .audit import AuditEntry
+from .audit import actor
 from .commands import Command
 from .commands import CommandParser
 from .requests import Request
 from .requests import Settle
 from .requests import settle
+from .requests import worker_alive_for
 from .store import LostRace
 from .store import Note
 from .store import Store
@@ -26,13 +32,17 @@ from .store import TrialRef
 from .transitions import Action
 from .transitions import Decision
 from .transitions import LastChange
+from .transitions import Worker
 from .transitions import decide
 
 logger = logging.getLogger("hitl_pruner")
 
 FINISHED_BY_US_POSSIBLE = (TrialState.PRUNED, TrialState.FAIL)
-# The source of notes nobody saved through us (scripts, other servers' dashboards): no user.
-SWEEP = "sweep"
+# Outcomes after which a note saved through us needs no sweep: the sweep would decide the same
+# now, and later it would override a human's later decision (a tell Complete after a request).
+# Not "lost race" (the sweep looks again), nor anything in a dry run (a real run still applies
+# the note), nor errors.
+HANDLED = frozenset(("applied", "requested", "nothing to do", "refused"))
 
 
 class Refusals(Protocol):
@@ -148,43 +158,99 @@ class Applier:
             return Outcome(
                 "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
             )
-        return self._carry_out(
+        if source != SWEEP:
+            # Read before the dashboard saved the note: the sweep or the worker may have changed
+            # the trial since, and this answer takes the note off the sweep's queue.
+            fresh = self.store.trials([ref.trial_id]).get(ref.trial_id)
+            if fresh is None:
+                return Outcome("nothing to do", "the trial is gone", ref.trial_id)
+            ref = fresh
+        outcome = self._carry_out(
             ref, self.parser.parse(note.body), note.version,
             source=source, user=user, last_change=last_change,
             refusal=self._refusal(ref, note, source, user),
         )
+        if source != SWEEP and outcome.action in HANDLED and not self.dry_run:
+            try:
+                self.store.handled(ref, note.version)
+            except Exception as exc:  # the sweep applies it once more, to no effect
+                logger.warning("could not take note v%d of trial id %d off the sweep's queue "
+                               "(%s)", note.version, ref.trial_id, exc)
+        return outcome
 
     def command(self, ref: TrialRef, command: Command, *, source: str,
-                user: str | None = None) -> Outcome:
-        """Apply a command that comes without a note (the dashboard's Fail Trial button)."""
+                user: str | None = None, note_version: int | None = None) -> Outcome:
+        """Apply a command that comes without a note (the dashboard's Fail Trial button), or
+        from a note read earlier (``note_version``: a request the sweep settles)."""
         if not self.monitors(ref.study_name):
             return Outcome(
                 "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
             )
         return self._carry_out(
-            ref, command, None, source=source, user=user,
+            ref, command, note_version, source=source, user=user,
             refusal=self._refusal(ref, None, source, user),
         )
+
+    def human_told(self, ref: TrialRef, state: TrialState, user: str | None) -> Outcome | None:
+        """A human ends this trial in the dashboard itself (the trial's form: tell Complete).
+
+        Call it before the dashboard carries out the tell. That decision is the latest one on
+        the trial, so an open request to its worker (from an earlier Prune or Fail) is dropped:
+        otherwise the sweep would find the trial COMPLETE and relabel it as the outdated
+        request asked. Returns what became of the request; None when there was none.
+        """
+        request = next(
+            (r for r, _ in self.store.requests({ref.study_id}) if r.trial_id == ref.trial_id),
+            None,
+        )
+        if request is None or not self.monitors(ref.study_name) or self.dry_run:
+            return None
+        asked = actor(request.source, request.user, request.note_version)
+        if not self.may_act(user):
+            # The dashboard does the tell; the request of someone who may act still stands.
+            reason = (
+                f"{self._refusal(ref, None, FAIL_BUTTON, user)}: the request of {asked} to end "
+                f"it as {request.target.name} stands"
+            )
+            logger.warning("study %r trial #%d: %s", ref.study_name, ref.number, reason)
+            return Outcome(Action.REFUSE.value, reason, ref.trial_id)
+        who = repr(user) if user else "a human"
+        reason = (
+            f"{who} told it {state.name} in the dashboard, after {asked} asked its worker to "
+            f"end it as {request.target.name}: the later decision wins, the request is dropped"
+        )
+        if self.store.settle(request, None):
+            logger.info("study %r trial #%d: %s", ref.study_name, ref.number, reason)
+            return Outcome("dropped", reason, ref.trial_id)
+        return None  # settled a moment earlier: the trial ended before the human's tell
 
     def preview(
         self, ref: TrialRef, command: Command | None, *, last_change: LastChange | None = None
     ) -> Decision:
         """What a note carrying ``command`` would do to this trial now; nothing is changed."""
+        return self._decide(ref, command, last_change, source=NOTE_SAVE)[0]
+
+    def _decide(
+        self, ref: TrialRef, command: Command | None, last_change: LastChange | None, *,
+        source: str,
+    ) -> tuple[Decision, Worker | None]:
         if last_change is None and self.needs_history(ref):
             last_change = self.store.last_changes([ref.trial_id]).get(ref.trial_id)
         # Only a running trial has a worker to ask, and only a command needs one.
         worker = (
-            self.store.worker(ref)
+            self.store.worker(ref, alive_for=worker_alive_for(self.grace))
             if command is not None and ref.state == TrialState.RUNNING else None
         )
-        return decide(
+        decision = decide(
             ref.state,
             command,
             last_change,
             retroactive_allowed=self.retroactive,
             retroactive_supported=self.store.retroactive_supported,
             worker=worker,
+            what="Fail Trial button" if source == FAIL_BUTTON else None,
         )
+        return decision, worker
 
     def _carry_out(
         self,
@@ -198,9 +264,16 @@ class Applier:
         retry: bool = True,
         refusal: str | None = None,
     ) -> Outcome:
-        decision = self.preview(ref, command, last_change=last_change)
+        decision, worker = self._decide(ref, command, last_change, source=source)
         if decision.action is Action.NOOP:
-            return Outcome(decision.action.value, decision.reason, ref.trial_id)
+            if refusal is None:
+                claimed = self._claim(ref, command, note_version, source=source, user=user)
+                if claimed is not None:
+                    return claimed
+            return Outcome(
+                decision.action.value, self._noop_reason(ref, command, decision, worker),
+                ref.trial_id,
+            )
         if refusal is not None and decision.action is not Action.REFUSE:
             # Only what would change a trial is refused: the note itself stays saved.
             logger.warning(
@@ -217,7 +290,16 @@ class Applier:
 
         assert decision.source is not None and decision.target is not None
         if decision.action is Action.ASK:
-            return self._ask(ref, decision.target, note_version, source=source, user=user)
+            try:
+                return self._ask(
+                    ref, decision.target, note_version, source=source, user=user,
+                    replaces=worker.requested if worker is not None else None,
+                    evidence=worker.evidence if worker is not None else "",
+                )
+            except LostRace:
+                # Another server, or our sweep, asked between our read and our write.
+                return self._again(ref, command, note_version, source=source, user=user,
+                                   retry=retry)
         entry = AuditEntry(
             study_id=ref.study_id,
             study_name=ref.study_name,
@@ -238,27 +320,90 @@ class Applier:
                 decision.source, decision.target,
             )
         if not self._transition(entry):
-            # Often the sweep (or another server) applied this very note a moment earlier:
-            # decide again on the state as it is now, once.
-            fresh = self.store.trials([ref.trial_id]).get(ref.trial_id) if retry else None
-            if fresh is not None and fresh.state == entry.to_state:
-                # The sweep or another server carried out this same change first.
-                return Outcome(
-                    decision.action.value, f"{decision.reason} (applied a moment earlier by "
-                    "the sweep or another server)", ref.trial_id, entry.from_state,
-                    entry.to_state,
-                )
-            if fresh is not None and fresh.state != ref.state:
-                return self._carry_out(
-                    fresh, command, note_version, source=source, user=user, retry=False
-                )
-            return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
+            # Often the sweep (or another server) applied this very note a moment earlier.
+            return self._again(ref, command, note_version, source=source, user=user,
+                               retry=retry)
         return Outcome(
             decision.action.value, decision.reason, ref.trial_id, decision.source, decision.target
         )
 
+    def _again(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
+               source: str, user: str | None, retry: bool) -> Outcome:
+        """Decide once more, on the trial as it is now, after losing a compare-and-set.
+
+        When the sweep carried out this very note meanwhile, the second decision finds
+        nothing to do and claims the sweep's record (``_claim``): the save keeps its answer,
+        its source and its user.
+        """
+        fresh = self.store.trials([ref.trial_id]).get(ref.trial_id) if retry else None
+        if fresh is None:
+            return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
+        return self._carry_out(fresh, command, note_version, source=source, user=user,
+                               retry=False)
+
+    def _claim(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
+               source: str, user: str | None) -> Outcome | None:
+        """Make the save's own what the sweep did for this very note version, and answer so.
+
+        The dashboard commits a note before our apply runs, and the sweep (of this server or
+        another) may carry it out in between: it asks the worker, or changes the trial, under
+        its own name (source sweep, no user). The save that finds its note carried out
+        relabels the sweep's request or audit row as its own, and answers as if it had acted.
+        """
+        if note_version is None or source == SWEEP or self.dry_run:
+            return None
+        target = command.target if command is not None else TrialState.COMPLETE
+        claimed = self.store.claim(ref, note_version, target, source, user)
+        if claimed is None:
+            return None
+        what = "Fail Trial button" if source == FAIL_BUTTON else (
+            f"{command.value} note" if command is not None else "command removed from the note"
+        )
+        if isinstance(claimed, Request):
+            logger.info(
+                "study %r trial #%d (id %d): the sweep asked its worker to end it as %s a moment "
+                "before the note save returned; the request is recorded as by %s",
+                ref.study_name, ref.number, ref.trial_id, target.name,
+                actor(source, user, note_version),
+            )
+            return Outcome(
+                Action.ASK.value,
+                f"{what}: asked its worker; forced after {self.grace:g} s if it has not ended "
+                "the trial", ref.trial_id, TrialState.RUNNING, target,
+            )
+        self._on_change(ref.study_id)  # the sweep may be another server's: refresh our cache
+        logger.info("recorded as the note save's: %s", claimed.describe())
+        if claimed.how == FORCED:
+            reason = (
+                "command removed from the note: undo" if claimed.undo
+                else "retroactive relabel" if claimed.retroactive else what
+            )
+            return Outcome(Action.APPLY.value, reason, ref.trial_id, claimed.from_state,
+                           claimed.to_state)
+        return Outcome(
+            Action.ASK.value,
+            f"{what}: asked its worker; "
+            + ("it has ended the trial" if claimed.how == BY_WORKER
+               else "forced after the grace period"),
+            ref.trial_id, claimed.from_state, claimed.to_state,
+        )
+
+    def _noop_reason(self, ref: TrialRef, command: Command | None, decision: Decision,
+                     worker: Worker | None) -> str:
+        """Why nothing is done; when the worker was asked already, by whom."""
+        if command is None or worker is None or worker.requested != command.target:
+            return decision.reason
+        request = next(
+            (r for r, _ in self.store.requests({ref.study_id}) if r.trial_id == ref.trial_id),
+            None,
+        )
+        if request is None or request.target != command.target:
+            return decision.reason
+        return f"{decision.reason} by {actor(request.source, request.user, request.note_version)}"
+
     def _ask(self, ref: TrialRef, target: TrialState, note_version: int | None, *,
-             source: str, user: str | None) -> Outcome:
+             source: str, user: str | None, replaces: TrialState | None,
+             evidence: str = "") -> Outcome:
         now = datetime.datetime.now(datetime.timezone.utc)
         request = Request(
             trial_id=ref.trial_id,
@@ -274,17 +419,19 @@ class Applier:
         )
         what = (
             f"study {ref.study_name!r} trial #{ref.number} (id {ref.trial_id}): asked its worker "
+            f"{f'({evidence}) ' if evidence else ''}"
             f"to end it as {target.name}{f' (for {user})' if user else ''}, via {source}; forced "
             f"if still RUNNING after {self.grace:g} s"
         )
         if self.dry_run:
             logger.info("dry run, would ask: %s", what)
             return Outcome("dry run", "would ask its worker", ref.trial_id, ref.state, target)
-        self.store.ask(request)
+        self.store.ask(request, replaces)
         logger.info("%s", what)
         return Outcome(
             Action.ASK.value,
-            f"asked its worker (it uses HumanInTheLoopPruner); forced after {self.grace:g} s",
+            f"asked its worker ({evidence}); forced after {self.grace:g} s" if evidence
+            else f"asked its worker; forced after {self.grace:g} s",
             ref.trial_id, ref.state, target,
         )
 
@@ -299,9 +446,10 @@ class Applier:
             return Outcome("dry run", f"would settle: {verdict.value}", request.trial_id)
         if verdict is Settle.RELABEL:
             ref = self.store.trials([request.trial_id]).get(request.trial_id)
+            # The request's note version goes with it into the audit row.
             outcome = (
                 self.command(ref, _command_for(request.target), source=request.source,
-                             user=request.user)
+                             user=request.user, note_version=request.note_version)
                 if ref is not None else None
             )
             if outcome is None or outcome.action != "applied":
@@ -326,7 +474,8 @@ class Applier:
             how=AFTER_GRACE if verdict is Settle.FORCE else BY_WORKER,
         )
         if verdict is Settle.FORCE:
-            if not self._transition(entry):
+            # Only the request as read: a note save may have claimed it since (see _claim).
+            if not self._transition(entry, request):
                 return Outcome("lost race", "the trial changed meanwhile", request.trial_id)
             return Outcome("applied", "forced after the grace period", request.trial_id,
                            TrialState.RUNNING, request.target)
@@ -345,9 +494,9 @@ class Applier:
             )
         return Outcome("dropped", "the worker ended the trial otherwise", request.trial_id)
 
-    def _transition(self, entry: AuditEntry) -> bool:
+    def _transition(self, entry: AuditEntry, request: Request | None = None) -> bool:
         try:
-            self.store.transition(entry)
+            self.store.transition(entry, request)
         except LostRace:
             logger.info(
                 "study %r trial #%d changed while we acted; the sweep looks again",

@@ -22,6 +22,32 @@ _HOW_TEXT = {
     AFTER_GRACE: "forced after the grace period",
 }
 
+# Which path applied a change (column hitl_audit.source, and hitl_requests.source):
+# a note saved through the dashboard we serve (PUT .../note; Undo saves a note this way too);
+NOTE_SAVE = "note-save"
+# a note nobody saved through us (a script, another server's dashboard), found by the sweep;
+SWEEP = "sweep"
+# the dashboard's Fail Trial button (POST /api/trials/<id>/tell with state Fail).
+FAIL_BUTTON = "fail-button"
+
+
+def actor(source: str, user: str | None, note_version: int | None = None) -> str:
+    """Who asked for a change, in words: the user (if known) and the path it came by.
+
+    Every refusal, toast and log line that says who changed a trial is built from this, so
+    none of them guesses ("its worker") where our audit knows better.
+    """
+    note = f" v{note_version}" if note_version is not None else ""
+    if source == SWEEP:
+        # The sweep never knows who wrote the note: a script or another server's dashboard.
+        return f"a note{note} written outside this dashboard (applied by the sweep)"
+    who = repr(user) if user else "a human"
+    if source == FAIL_BUTTON:
+        return f"{who} with the dashboard's Fail Trial button"
+    if source == NOTE_SAVE:
+        return f"{who} with a note{note} saved in the dashboard"
+    return f"{who} via {source}"
+
 
 @dataclasses.dataclass(frozen=True)
 class AuditEntry:

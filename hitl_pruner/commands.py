@@ -7,10 +7,25 @@ import re
 
 from optuna.trial import TrialState
 
-# Whole upper-case words only: "does not fail", "pruned layers" and "Failure analysis"
-# are ordinary prose and must not end a trial.
-DEFAULT_PRUNE_PATTERN = r"\bPRUNE\b"
-DEFAULT_FAIL_PATTERN = r"\bFAIL\b"
+
+def standalone(word: str) -> str:
+    """A pattern for ``word`` standing alone: not part of a longer word, nor joined to one.
+
+    ``\b`` is not enough: it treats ``-``, ``'`` and ``.`` as breaks, so "PRUNE-able",
+    "FAIL's" and "cfg.PRUNE" would be commands. Here the word must not touch a word character
+    (letters, digits, ``_``), nor a ``-``, ``'`` or ``.`` that joins it to a letter or digit on
+    the other side. Punctuation that ends or opens a phrase still counts: "PRUNE.", "PRUNE:",
+    "PRUNE!", "(FAIL)", "**FAIL**", "'PRUNE'", "- PRUNE".
+    """
+    joiner = r"[-'.]"
+    alnum = r"[^\W_]"
+    return rf"(?<!\w)(?<!{alnum}{joiner}){word}(?!\w)(?!{joiner}{alnum})"
+
+
+# Whole upper-case words only: "does not fail", "pruned layers", "Failure analysis" and
+# "PRUNE-able" are ordinary prose and must not end a trial.
+DEFAULT_PRUNE_PATTERN = standalone("PRUNE")
+DEFAULT_FAIL_PATTERN = standalone("FAIL")
 
 
 class Command(enum.Enum):
@@ -32,7 +47,7 @@ def compile_pattern(pattern: str, flag: str) -> re.Pattern[str]:
     except re.error as exc:
         raise PatternError(
             f"{flag} {pattern!r} is not a valid regular expression ({exc}); "
-            f"give a Python regular expression such as {DEFAULT_PRUNE_PATTERN!r}"
+            r"give a Python regular expression such as '\bPRUNE\b'"
         ) from None
 
 

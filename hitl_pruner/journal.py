@@ -11,6 +11,7 @@ RDB storage, so a command ends a running trial at once, as without the wrapper.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -22,6 +23,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from .audit import FORCED
+from .audit import SWEEP
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
@@ -72,9 +74,47 @@ class ApiStore:
         return found
 
     def last_changes(self, trial_ids: Iterable[int]) -> dict[int, LastChange]:
-        return {}  # a journal is never relabelled, so there is nothing to undo
+        # A journal is never relabelled, so there is nothing to undo; but a refusal names who
+        # ended a trial, so the newest change of each is read (the decider asks only for
+        # PRUNED and FAIL trials).
+        wanted = set(trial_ids)
+        newest: dict[int, AuditEntry] = {}
+        for _, entry in self._audit_items(None) if wanted else ():
+            if entry.trial_id in wanted and (
+                entry.trial_id not in newest or entry.at >= newest[entry.trial_id].at
+            ):
+                newest[entry.trial_id] = entry
+        return {
+            tid: LastChange(e.to_state, e.retroactive, source=e.source, user=e.user, how=e.how,
+                            from_state=e.from_state, note_version=e.note_version)
+            for tid, e in newest.items()
+        }
 
-    def transition(self, entry: AuditEntry) -> None:
+    def _audit_items(self, study_id: int | None) -> list[tuple[str, AuditEntry]]:
+        """(attr key, entry) of every audit record, of one study or all."""
+        ids = [study_id] if study_id is not None else [
+            s._study_id for s in self._storage.get_all_studies()
+        ]
+        return [
+            (key, _entry(value))
+            for sid in ids
+            for key, value in self._storage.get_study_system_attrs(sid).items()
+            if key.startswith(AUDIT_PREFIX)
+        ]
+
+    def claim(self, ref: TrialRef, note_version: int, target: TrialState, source: str,
+              user: str | None) -> AuditEntry | Request | None:
+        # A journal has no requests: only the sweep's audit record can be claimed.
+        claimed = None
+        for key, entry in self._audit_items(ref.study_id):
+            if (entry.trial_id, entry.note_version, entry.to_state, entry.source) == (
+                ref.trial_id, note_version, target, SWEEP
+            ):
+                claimed = dataclasses.replace(entry, source=source, user=user)
+                self._storage.set_study_system_attr(ref.study_id, key, claimed.to_json())
+        return claimed
+
+    def transition(self, entry: AuditEntry, request: Request | None = None) -> None:
         try:
             self._storage.set_trial_state_values(entry.trial_id, entry.to_state)
         except UpdateFinishedTrialError:
@@ -84,10 +124,13 @@ class ApiStore:
             entry.study_id, f"{AUDIT_PREFIX}{stamp}:{entry.trial_id}", entry.to_json()
         )
 
-    def worker(self, ref: TrialRef) -> Worker:
+    def worker(self, ref: TrialRef, *, alive_for: float = 0.0) -> Worker:
         return Worker(cooperates=False)
 
-    def ask(self, request: Request) -> None:
+    def handled(self, ref: TrialRef, note_version: int) -> None:
+        pass  # no queue: the sweep compares notes, and applies a handled one to no effect
+
+    def ask(self, request: Request, replaces: TrialState | None) -> None:
         raise NotImplementedError("journal storages never ask a worker")
 
     def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:

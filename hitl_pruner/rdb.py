@@ -14,6 +14,7 @@ of the study, and a row that commits late is still seen by the next sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -23,14 +24,17 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 
 from .audit import FORCED
+from .audit import SWEEP
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
 from .requests import COOPERATIVE_ATTR
+from .requests import DEFAULT_ALIVE_FOR
 from .requests import Request
-from .requests import cooperates
+from .requests import evidence
 from .store import NOTE_KEY
 from .store import Change
 from .store import LostRace
@@ -85,6 +89,18 @@ requests_t = sa.Table(
     sa.Column("requested_at", sa.DateTime, nullable=False),
     sa.Column("deadline", sa.DateTime, nullable=False),
 )
+# Heartbeats of wrapped workers: one row per worker process and study, refreshed while it checks
+# (worker.py) and deleted when it exits. The server asks a trial's worker that has not marked
+# the trial only while one of these is recent.
+workers_t = sa.Table(
+    "hitl_workers",
+    metadata,
+    sa.Column("study_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("worker", sa.String(64), primary_key=True),
+    # Seconds since the epoch on the database's clock (db_clock), the one clock every process
+    # shares, whatever its own clock or time zone says.
+    sa.Column("seen_at", sa.Double, nullable=False),
+)
 changes_t = sa.Table(
     "hitl_note_changes",
     metadata,
@@ -98,6 +114,32 @@ meta_t = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.String(256), nullable=False),
 )
+
+
+class db_clock(sa.sql.functions.FunctionElement[float]):
+    """The database server's clock, in seconds since the epoch."""
+
+    type = sa.Double()
+    inherit_cache = True
+
+
+@compiles(db_clock, "sqlite")
+def _sqlite_clock(element: db_clock, compiler: sa.sql.compiler.SQLCompiler, **kw: object) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_clock, "postgresql")
+def _postgresql_clock(element: db_clock, compiler: sa.sql.compiler.SQLCompiler,
+                      **kw: object) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_clock, "mysql")
+@compiles(db_clock, "mariadb")
+def _mysql_clock(element: db_clock, compiler: sa.sql.compiler.SQLCompiler, **kw: object) -> str:
+    # UNIX_TIMESTAMP reads NOW() in the session's time zone, so the result does not depend on it.
+    return "(UNIX_TIMESTAMP(NOW(6)) + 0E0)"
+
 
 TRIGGER = "hitl_note_changed"
 # A LIKE pattern for trial note keys; it does not match the study's own note ("dashboard:note_*").
@@ -251,7 +293,8 @@ class SqlStore:
         except (sa.exc.DBAPIError, dbapi_error) as exc:
             raise InstallError(
                 "hitl-pruner could not create its tables and triggers "
-                f"(hitl_audit, hitl_note_changes, hitl_requests, {TRIGGER}*, {FAIL_TRIGGER}): "
+                f"(hitl_audit, hitl_note_changes, hitl_requests, hitl_workers, {TRIGGER}*, "
+                f"{FAIL_TRIGGER}): "
                 f"{getattr(exc, 'orig', exc)}. The database user "
                 "needs CREATE and TRIGGER privileges on the Optuna database (MySQL with binary "
                 "logging also needs log_bin_trust_function_creators=1)."
@@ -329,16 +372,18 @@ class SqlStore:
             .where(audit_t.c.trial_id.in_(ids))
             .group_by(audit_t.c.trial_id)
         )
-        query = sa.select(audit_t.c.trial_id, audit_t.c.to_state, audit_t.c.retroactive).where(
-            audit_t.c.id.in_(newest)
-        )
+        query = sa.select(audit_t).where(audit_t.c.id.in_(newest))
         with self._engine.connect() as conn:
             return {
-                row.trial_id: LastChange(TrialState[row.to_state], bool(row.retroactive))
+                row.trial_id: LastChange(
+                    TrialState[row.to_state], bool(row.retroactive), source=row.source,
+                    user=row.user_name, how=row.how, from_state=TrialState[row.from_state],
+                    note_version=row.note_version,
+                )
                 for row in conn.execute(query)
             }
 
-    def transition(self, entry: AuditEntry) -> None:
+    def transition(self, entry: AuditEntry, request: Request | None = None) -> None:
         values: dict[str, object] = {"state": entry.to_state}
         if entry.from_state in (TrialState.RUNNING, TrialState.WAITING):
             values["datetime_complete"] = _utcnow()
@@ -353,48 +398,100 @@ class SqlStore:
             )
             if result.rowcount != 1:
                 raise LostRace()
-            conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
             # The trial's state is final now: a request still open for it is answered.
-            conn.execute(sa.delete(requests_t).where(requests_t.c.trial_id == entry.trial_id))
+            closed = conn.execute(
+                sa.delete(requests_t).where(requests_t.c.trial_id == entry.trial_id)
+                .where(*(_same_request(request) if request is not None else ()))
+            )
+            if request is not None and closed.rowcount != 1:
+                raise LostRace()  # the request changed since we read it: leave it be
+            conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
 
-    def worker(self, ref: TrialRef) -> Worker:
+    def worker(self, ref: TrialRef, *, alive_for: float = DEFAULT_ALIVE_FOR) -> Worker:
+        """What we know of a RUNNING trial's worker: only evidence, see requests.evidence."""
         trial_id, study_id = ref.trial_id, ref.study_id
         query = sa.select(
             sa.exists().where(
                 trial_attrs_t.c.trial_id == trial_id, trial_attrs_t.c.key == COOPERATIVE_ATTR
             ),
-            sa.exists().where(attrs_t.c.study_id == study_id, attrs_t.c.key == COOPERATIVE_ATTR),
             sa.exists().where(steps_t.c.trial_id == trial_id),
             sa.select(requests_t.c.target)
             .where(requests_t.c.trial_id == trial_id)
             .scalar_subquery(),
+            sa.select(db_clock() - sa.func.max(workers_t.c.seen_at))
+            .where(workers_t.c.study_id == study_id)
+            .scalar_subquery(),
         )
         with self._engine.connect() as conn:
-            marked, study_has_them, reported, target = conn.execute(query).one()
-        return Worker(
-            cooperates(
-                marked=bool(marked),
-                study_has_cooperative_workers=bool(study_has_them),
-                reported=bool(reported),
-            ),
-            TrialState[target] if target else None,
+            marked, reported, target, seen_ago = conn.execute(query).one()
+        why = evidence(
+            marked=bool(marked),
+            reported=bool(reported),
+            seen_ago=max(0.0, float(seen_ago)) if seen_ago is not None else None,
+            alive_for=alive_for,
         )
+        return Worker(why is not None, TrialState[target] if target else None, why or "")
 
-    def ask(self, request: Request) -> None:
-        row = _request_row(request)
-        for attempt in range(2):
-            try:
-                with self._engine.begin() as conn:
-                    conn.execute(
-                        sa.delete(requests_t).where(requests_t.c.trial_id == request.trial_id)
+    def ask(self, request: Request, replaces: TrialState | None) -> None:
+        try:
+            with self._engine.begin() as conn:
+                if replaces is not None:
+                    replaced = conn.execute(
+                        sa.delete(requests_t)
+                        .where(requests_t.c.trial_id == request.trial_id)
+                        .where(requests_t.c.target == replaces.name)
                     )
-                    conn.execute(sa.insert(requests_t).values(**row))
-                return
-            except sa.exc.IntegrityError:
-                # Another server inserted its request between our delete and insert: ours,
-                # the newer one, replaces it.
-                if attempt == 1:
-                    raise
+                    if replaced.rowcount != 1:
+                        raise LostRace()
+                # Only while the trial runs: the caller may have read it before the sweep and
+                # its worker ended it (a request for an ended trial would be settled as if the
+                # worker had heeded it).
+                row = _request_row(request)
+                values = sa.select(
+                    *(sa.literal(value, requests_t.c[name].type) if value is not None
+                      else sa.null() for name, value in row.items())
+                ).where(trials_t.c.trial_id == request.trial_id,
+                        trials_t.c.state == TrialState.RUNNING)
+                if conn.execute(
+                    sa.insert(requests_t).from_select(list(row), values)
+                ).rowcount != 1:
+                    raise LostRace()
+        except sa.exc.IntegrityError:
+            # Another server (or our sweep) asked between our read and our insert.
+            raise LostRace() from None
+
+    def claim(self, ref: TrialRef, note_version: int, target: TrialState, source: str,
+              user: str | None) -> AuditEntry | Request | None:
+        mine = {"source": source, "user_name": user}
+        by_sweep = (
+            requests_t.c.trial_id == ref.trial_id,
+            requests_t.c.note_version == note_version,
+            requests_t.c.target == target.name,
+            requests_t.c.source == SWEEP,
+        )
+        audited = (
+            audit_t.c.trial_id == ref.trial_id,
+            audit_t.c.note_version == note_version,
+            audit_t.c.to_state == target.name,
+            audit_t.c.source == SWEEP,
+        )
+        with self._engine.begin() as conn:
+            claimed: AuditEntry | Request | None = None
+            for row in conn.execute(sa.select(audit_t).where(*audited)).all():
+                if conn.execute(
+                    sa.update(audit_t).where(audit_t.c.id == row.id, *audited).values(**mine)
+                ).rowcount == 1:
+                    claimed = _audit_entry(row)
+            request = conn.execute(sa.select(requests_t).where(*by_sweep)).first()
+            if request is not None and conn.execute(
+                sa.update(requests_t).where(*by_sweep).values(**mine)
+            ).rowcount == 1:
+                claimed = _request(request)
+        if isinstance(claimed, AuditEntry):
+            return dataclasses.replace(claimed, source=source, user=user)
+        if isinstance(claimed, Request):
+            return dataclasses.replace(claimed, source=source, user=user)
+        return None
 
     def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
         query = (
@@ -413,11 +510,9 @@ class SqlStore:
 
     def settle(self, request: Request, entry: AuditEntry | None) -> bool:
         with self._engine.begin() as conn:
-            result = conn.execute(
-                sa.delete(requests_t)
-                .where(requests_t.c.trial_id == request.trial_id)
-                .where(requests_t.c.target == request.target.name)
-            )
+            # Only the request as we read it: one claimed by a note-save meanwhile (see claim)
+            # is settled by the next sweep, under the save's name.
+            result = conn.execute(sa.delete(requests_t).where(*_same_request(request)))
             if result.rowcount != 1:
                 return False
             if entry is not None:
@@ -487,6 +582,25 @@ class SqlStore:
                 batch = ids[start : start + 500]
                 conn.execute(sa.delete(changes_t).where(changes_t.c.id.in_(batch)))
 
+    def handled(self, ref: TrialRef, note_version: int) -> None:
+        ver_key = note_ver_key(ref.trial_id)
+        # One statement, one snapshot: the queue rows of this trial's note, and its version. A
+        # later write (another version) commits its version row first, so when the version
+        # read is ours, none of its queue rows is among those read.
+        query = (
+            sa.select(changes_t.c.id, attrs_t.c.value_json)
+            .join(attrs_t, sa.and_(attrs_t.c.study_id == changes_t.c.study_id,
+                                   attrs_t.c.key == ver_key))
+            .where(changes_t.c.study_id == ref.study_id)
+            .where(sa.or_(changes_t.c.attr_key == ver_key,
+                          changes_t.c.attr_key.like(f"{note_str_key_prefix(ref.trial_id)}%")))
+        )
+        with self._engine.begin() as conn:
+            ids = [row.id for row in conn.execute(query)
+                   if int(json.loads(row.value_json)) == note_version]
+            if ids:
+                conn.execute(sa.delete(changes_t).where(changes_t.c.id.in_(ids)))
+
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)
         with self._engine.connect() as conn:
@@ -524,6 +638,17 @@ def _request_row(request: Request) -> dict[str, object]:
         "requested_at": _naive_utc(request.requested_at),
         "deadline": _naive_utc(request.deadline),
     }
+
+
+def _same_request(request: Request) -> tuple[sa.ColumnElement[bool], ...]:
+    """The open request row exactly as ``request`` was read: same target, source and user."""
+    return (
+        requests_t.c.trial_id == request.trial_id,
+        requests_t.c.target == request.target.name,
+        requests_t.c.source == request.source,
+        requests_t.c.user_name.is_not_distinct_from(request.user),
+        requests_t.c.note_version.is_not_distinct_from(request.note_version),
+    )
 
 
 def _request(row: sa.Row) -> Request:

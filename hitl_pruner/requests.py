@@ -15,22 +15,51 @@ import enum
 
 from optuna.trial import TrialState
 
-# Written by HumanInTheLoopPruner: as a trial system attr on each trial whose worker reads our
-# requests, and as a study system attr once such a worker has checked in on the study.
+# Written by HumanInTheLoopPruner (and hitl_pruner.ask) as a trial system attr on each trial
+# whose worker reads our requests. (Earlier versions also wrote it as a study system attr, for
+# good; that one is ignored: it said a wrapped worker once ran, not that one runs now.)
 COOPERATIVE_ATTR = "hitl:cooperative"
+# A wrapped worker refreshes its heartbeat (a hitl_workers row per process and study) at most
+# this often, and only while it checks: so a check costs a write at most once per this many
+# seconds.
+HEARTBEAT_EVERY = 5.0
 
 
-def cooperates(*, marked: bool, study_has_cooperative_workers: bool, reported: bool) -> bool:
-    """Whether to ask a RUNNING trial's worker rather than force the state at once.
+def worker_alive_for(grace: float) -> float:
+    """How many seconds a wrapped worker's heartbeat shows it alive, for a server with ``grace``.
 
-    Optuna calls a pruner only from ``should_prune()``, so a worker marks its trial on its
-    first ``should_prune()``, after the first ``report()``. A trial that has reported nothing
-    yet may belong to a cooperative worker that has not had the chance to mark it: in a study
-    where such workers have checked in, it gets the grace period too (a plain worker's trial is
-    forced when the grace period is over instead of at once). A trial that reported without
-    marking itself runs in a worker without the wrapper.
+    A wrapped worker is meant to call ``should_prune()`` at least once per grace period (the
+    README says so: a slower one is forced anyway), and it refreshes the heartbeat at most once
+    per ``HEARTBEAT_EVERY`` seconds. A worker silent for longer has stopped or hung.
     """
-    return marked or (study_has_cooperative_workers and not reported)
+    return grace + HEARTBEAT_EVERY
+
+
+# For a store asked without a grace period to go by: the default grace period's (3 x 10 s).
+DEFAULT_ALIVE_FOR = worker_alive_for(30.0)
+
+
+def evidence(*, marked: bool, reported: bool, seen_ago: float | None,
+             alive_for: float) -> str | None:
+    """Why a RUNNING trial's worker reads requests, in words for the answer; None: it does not.
+
+    Only evidence counts: the trial's own mark, or a wrapped worker of the study alive now.
+    Optuna calls a pruner only from ``should_prune()``, so a wrapper marks its trial on the
+    first ``should_prune()``, after the first ``report()``: a trial that has reported nothing
+    yet may belong to a wrapped worker that has not had the chance to mark it. It is asked if
+    such a worker checked in within ``alive_for`` seconds (``seen_ago``; None: no worker of the
+    study is checking in), and forced at once otherwise. A trial that reported without marking
+    itself runs in a worker without the wrapper.
+    """
+    if marked:
+        return "the trial is marked by HumanInTheLoopPruner or hitl_pruner.ask"
+    if reported or seen_ago is None or seen_ago > alive_for:
+        return None
+    ago = "less than 1 s" if seen_ago < 1 else f"{seen_ago:.0f} s"
+    return (
+        f"a worker of this study running HumanInTheLoopPruner was seen {ago} ago; this trial "
+        "has not reported yet"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

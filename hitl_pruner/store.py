@@ -53,20 +53,41 @@ class Store(Protocol):
 
     def last_changes(self, trial_ids: Iterable[int]) -> dict[int, LastChange]: ...
 
-    def transition(self, entry: AuditEntry) -> None:
+    def transition(self, entry: AuditEntry, request: Request | None = None) -> None:
         """Move the trial from entry.from_state to entry.to_state and record it, atomically.
 
         Also closes the trial's open request, if any. Raises LostRace when the trial is no
-        longer in entry.from_state.
+        longer in entry.from_state, or, when forcing ``request``, that request is no longer
+        open as it was read (a note-save may have claimed it meanwhile: see ``claim``).
         """
         ...
 
-    def worker(self, ref: TrialRef) -> Worker:
-        """Whether a RUNNING trial's worker reads requests, and what it was asked already."""
+    def worker(self, ref: TrialRef, *, alive_for: float = ...) -> Worker:
+        """Whether a RUNNING trial's worker reads requests, why, and what it was asked already.
+
+        A wrapped worker's heartbeat counts as evidence for ``alive_for`` seconds
+        (requests.worker_alive_for).
+        """
         ...
 
-    def ask(self, request: Request) -> None:
-        """Record (or replace) the trial's open request, where its worker reads it."""
+    def ask(self, request: Request, replaces: TrialState | None) -> None:
+        """Record the trial's open request, where its worker reads it, replacing the open
+        request for ``replaces`` (None: there is none).
+
+        A compare-and-set like ``transition``: raises LostRace, recording nothing, when the
+        open request is not the one the caller decided on (another server asked meanwhile).
+        """
+        ...
+
+    def claim(self, ref: TrialRef, note_version: int, target: TrialState, source: str,
+              user: str | None) -> AuditEntry | Request | None:
+        """Record as ``source``/``user``'s what the sweep did for this very note version.
+
+        The sweep can reach a note saved through our note-save before the save's own apply
+        does (the dashboard commits before we apply). The open request or the audit row the
+        sweep made for ``note_version`` and ``target`` is then relabelled with the save's
+        source and user, and returned; None when the sweep made none.
+        """
         ...
 
     def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
@@ -87,5 +108,11 @@ class Store(Protocol):
     def pending(self, study_ids: set[int] | None, limit: int) -> list[Change]: ...
 
     def ack(self, changes: Iterable[Change]) -> None: ...
+
+    def handled(self, ref: TrialRef, note_version: int) -> None:
+        """The note-save applied this note version: take it off the sweep's queue, so the sweep
+        does not apply it again later, over a human's later decision (a tell Complete that
+        dropped the request). Nothing is taken off once the note has another version."""
+        ...
 
     def audit(self, limit: int = 100) -> list[AuditEntry]: ...

@@ -10,6 +10,10 @@ import enum
 
 from optuna.trial import TrialState
 
+from .audit import AFTER_GRACE
+from .audit import BY_WORKER
+from .audit import FORCED
+from .audit import actor
 from .commands import Command
 
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -25,10 +29,30 @@ class Action(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class LastChange:
-    """The newest audited change we made to a trial."""
+    """The newest audited change we made to a trial, and who asked for it (its audit row)."""
 
     to_state: TrialState
     retroactive: bool
+    # None where the history was made by hand (tests): then nobody is named.
+    source: str | None = None
+    user: str | None = None
+    how: str = FORCED
+    from_state: TrialState | None = None
+    note_version: int | None = None
+
+    def ended_by(self) -> str:
+        """Who ended the trial while it ran, in words, e.g. "'bob' with the dashboard's Fail
+        Trial button ended it while RUNNING"."""
+        who = (
+            actor(self.source, self.user, self.note_version) if self.source is not None
+            else "a human"
+        )
+        was = self.from_state.name if self.from_state is not None else "it ran"
+        if self.how == BY_WORKER:
+            return f"its worker ended it while {was}, as asked by {who}"
+        if self.how == AFTER_GRACE:
+            return f"{who} ended it while {was} (forced after its worker's grace period)"
+        return f"{who} ended it while {was}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +63,8 @@ class Worker:
     cooperates: bool
     # The state we already asked it to end the trial in, if any.
     requested: TrialState | None = None
+    # Why we believe it reads requests, in words for the answer (requests.evidence).
+    evidence: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +86,15 @@ def decide(
     retroactive_allowed: bool,
     retroactive_supported: bool,
     worker: Worker | None = None,
+    what: str | None = None,
 ) -> Decision:
+    """What ``command`` does to a trial in ``state``.
+
+    ``what`` names where the command came from in the reasons ("FAIL note" by default; the
+    applier says "Fail Trial button" for the dashboard's button). A refusal to change a
+    finished trial names who ended it, from ``last_change`` (our audit row); only a trial we
+    have no row for is said to be ended by its worker.
+    """
     # We moved this trial from COMPLETE to its current state, and nobody changed it since.
     relabelled = (
         last_change is not None
@@ -80,16 +114,17 @@ def decide(
         return Decision(Action.NOOP, "the note carries no command")
 
     target = command.target
+    what = what or f"{command.value} note"
     if state == target:
-        return Decision(Action.NOOP, f"trial is already {target.name}")
+        return Decision(Action.NOOP, f"trial is already {target.name}{_whose(last_change, state)}")
     if state == TrialState.RUNNING and worker is not None and worker.cooperates:
         # Its worker ends the trial itself, through Optuna, and carries on with its next one;
         # ending it from here would crash the worker's study.optimize.
         if worker.requested == target:
             return Decision(Action.NOOP, f"its worker was already asked to end it as {target.name}")
-        return Decision(Action.ASK, f"{command.value}: asked its worker", state, target)
+        return Decision(Action.ASK, f"{what}: asked its worker", state, target)
     if state in ACTIVE:
-        return Decision(Action.APPLY, f"{command.value} note", state, target)
+        return Decision(Action.APPLY, what, state, target)
     if state == TrialState.COMPLETE or relabelled:
         return _finished_change(
             state,
@@ -98,11 +133,33 @@ def decide(
             retroactive_allowed=retroactive_allowed,
             retroactive_supported=retroactive_supported,
         )
+    if last_change is not None and not last_change.retroactive and (
+        last_change.to_state == state
+    ):
+        # Our audit says a human ended it while it ran: say so. Such a trial stays ended, as a
+        # worker's verdict does: it has no COMPLETE state and values to switch from or back to.
+        return Decision(
+            Action.REFUSE,
+            f"trial is {state.name}: {last_change.ended_by()}; a trial ended while running "
+            "stays ended (only RUNNING, WAITING or COMPLETE trials, and those relabelled from "
+            "COMPLETE, can be changed)",
+        )
+    # No audit row of ours for this state: nobody ended it through us.
     return Decision(
         Action.REFUSE,
         f"trial is {state.name}: its worker ended it, and only RUNNING, WAITING or COMPLETE "
         "trials can be changed",
     )
+
+
+def _whose(last_change: LastChange | None, state: TrialState) -> str:
+    """Who put the trial in ``state``, from our audit row, as " (...)"; "" when we did not."""
+    if last_change is None or last_change.to_state != state or last_change.source is None:
+        return ""
+    if last_change.retroactive:
+        who = actor(last_change.source, last_change.user, last_change.note_version)
+        return f" (relabelled by {who})"
+    return f" ({last_change.ended_by()})"
 
 
 def _finished_change(

@@ -14,14 +14,26 @@ newest relabel in the study. When that relabel is new to this process, the relab
 are read again into Optuna's trial cache, so the sampler stops seeing their old state from the
 next trial on.
 
+The server asks a worker only on evidence: the trial's own mark (trial system attr
+``hitl:cooperative``, written on its first check), or, for a trial that has reported nothing
+yet and so cannot have marked itself, a heartbeat showing a wrapped worker of the study alive
+now. The heartbeat is this process's row in ``hitl_workers``, refreshed on a check at most once
+per ``HEARTBEAT_EVERY`` seconds (so at most one small write per that many seconds, whatever the
+number of checks), stamped with the database's clock, and deleted when the process exits; a
+killed worker's row simply grows old, and the server stops believing it.
+
 Everything here needs an RDB storage; on any other storage the pruner is just the wrapped one.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from typing import Any
@@ -40,8 +52,11 @@ from optuna.trial import TrialState
 import sqlalchemy as sa
 
 from .rdb import audit_t
+from .rdb import db_clock
 from .rdb import requests_t
+from .rdb import workers_t
 from .requests import COOPERATIVE_ATTR
+from .requests import HEARTBEAT_EVERY
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +83,25 @@ RELABELLED_SINCE = (
     .distinct()
 )
 
+# The heartbeat: this process's row for a study, on the database's clock.
+_MY_ROW = (workers_t.c.study_id == sa.bindparam("w_study"),
+           workers_t.c.worker == sa.bindparam("w_worker"))
+BEAT = sa.update(workers_t).where(*_MY_ROW).values(seen_at=db_clock())
+JOIN = sa.insert(workers_t).values(
+    study_id=sa.bindparam("w_study"), worker=sa.bindparam("w_worker"), seen_at=db_clock()
+)
+RETIRE = sa.delete(workers_t).where(
+    workers_t.c.worker == sa.bindparam("w_worker"),
+    workers_t.c.study_id.in_(sa.bindparam("w_studies", expanding=True)),
+)
+# Rows of workers killed long ago, which no exit handler deleted; removed by a process's first
+# heartbeat on the study, so the table stays the size of the live workers.
+VANISHED_AFTER = 86400.0
+FORGET_VANISHED = sa.delete(workers_t).where(
+    workers_t.c.study_id == sa.bindparam("w_study"),
+    workers_t.c.seen_at < db_clock() - VANISHED_AFTER,
+)
+
 
 class HumanInTheLoopPruner(BasePruner):
     """The wrapped pruner, plus: ``should_prune()`` is True once a human asked to end the trial.
@@ -80,9 +114,11 @@ class HumanInTheLoopPruner(BasePruner):
             checks; 0 checks on every call. A request is seen at most this long after it was
             made, plus the time to the next ``should_prune()``.
 
-    On its first ``should_prune()`` a trial is marked (trial system attr ``hitl:cooperative``),
-    and so is the study, once per process: that is how the server knows to ask this worker
-    rather than end the trial itself.
+    On its first ``should_prune()`` a trial is marked (trial system attr ``hitl:cooperative``):
+    that is how the server knows to ask this worker rather than end the trial itself. While it
+    checks, the process also keeps a heartbeat on the study (at most one write per
+    ``HEARTBEAT_EVERY`` seconds), so that a trial of this worker that has not reported yet is
+    asked too.
     """
 
     def __new__(cls, wrapped: BasePruner | None = None, **kwargs: Any) -> HumanInTheLoopPruner:
@@ -157,7 +193,8 @@ def requested_state(study: optuna.Study, trial: optuna.Trial | FrozenTrial | int
     """The state a human asked for this trial (PRUNED or FAIL), or None; one query, unthrottled.
 
     For loops that drive trials themselves (ask-and-tell). Like ``should_prune()`` with
-    :class:`HumanInTheLoopPruner`, it marks the trial as one whose worker reads requests.
+    :class:`HumanInTheLoopPruner`, it marks the trial as one whose worker reads requests, and
+    keeps this process's heartbeat on the study (a write at most every ``HEARTBEAT_EVERY`` s).
     """
     channel = _channel(study)
     if channel is None:
@@ -174,7 +211,7 @@ def ask(study: optuna.Study, fixed_distributions: dict[str, Any] | None = None) 
     trial = study.ask(fixed_distributions)
     channel = _channel(study)
     if channel is not None:
-        channel.mark(study._study_id, trial._trial_id)
+        channel.mark(trial._trial_id)
     return trial
 
 
@@ -214,29 +251,41 @@ def _trial_id(study: optuna.Study, trial: optuna.Trial | FrozenTrial | int) -> i
 
 
 class _Channel:
-    """One storage's line to the server's tables: marks, checks, and the cache refresh."""
+    """One storage's line to the server's tables: marks, checks, heartbeats, the cache refresh."""
 
     def __init__(self, storage: BaseStorage, backend: RDBStorage) -> None:
         self._storage = storage
         self._engine: sa.Engine = backend.engine
         self._lock = threading.Lock()
-        self._studies_marked: set[int] = set()
+        # Trials this process marked, so that a loop calling requested_state() writes no mark
+        # again.
+        self._marked: collections.OrderedDict[int, None] = collections.OrderedDict()
         # Per study, the newest relabel (hitl_audit id) this process has read again.
         self._relabel_seen: dict[int, int] = {}
         self._retry_at = 0.0
+        # This process's heartbeats: its name in hitl_workers, and per study the monotonic time
+        # of its last heartbeat there. A forked child takes a name of its own (_beats_for_pid).
+        self._pid = -1
+        self._worker = ""
+        self._beats: dict[int, float] = {}
+        self._beat_retry_at = 0.0
 
-    def mark(self, study_id: int, trial_id: int) -> None:
+    def mark(self, trial_id: int) -> None:
+        with self._lock:
+            if trial_id in self._marked:
+                return
         try:
-            if study_id not in self._studies_marked:
-                self._storage.set_study_system_attr(study_id, COOPERATIVE_ATTR, True)
-                self._studies_marked.add(study_id)
             self._storage.set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # someone ended the trial already: there is nothing left to ask
+            return  # someone ended the trial already: there is nothing left to ask
+        with self._lock:
+            self._marked[trial_id] = None
+            while len(self._marked) > MAX_TRIALS_KEPT:
+                self._marked.popitem(last=False)
 
     def check(self, study_id: int, trial_id: int, *, mark: bool) -> TrialState | None:
         if mark:
-            self.mark(study_id, trial_id)
+            self.mark(trial_id)
         if time.monotonic() < self._retry_at:
             return None
         try:
@@ -255,7 +304,66 @@ class _Channel:
                 "database? Trying again in %.0f s", str(exc).splitlines()[0], RETRY_AFTER,
             )
             return None
+        self._beat(study_id)
         return TrialState[target] if target else None
+
+    def _beat(self, study_id: int) -> None:
+        """Refresh this process's heartbeat on the study, if the last is HEARTBEAT_EVERY old."""
+        now = time.monotonic()
+        with self._lock:
+            if self._pid != os.getpid():
+                self._beats_for_pid()
+            last = self._beats.get(study_id)
+            if (last is not None and now - last < HEARTBEAT_EVERY) or now < self._beat_retry_at:
+                return
+            # Taken before the write, so that other threads checking meanwhile do not write too.
+            self._beats[study_id] = now
+            params = {"w_study": study_id, "w_worker": self._worker}
+        try:
+            with self._engine.begin() as conn:
+                if last is None:
+                    conn.execute(FORGET_VANISHED, {"w_study": study_id})
+                if conn.execute(BEAT, params).rowcount != 1:
+                    conn.execute(JOIN, params)
+        except sa.exc.SQLAlchemyError as exc:
+            with self._lock:
+                if last is None:
+                    self._beats.pop(study_id, None)
+                self._beat_retry_at = now + RETRY_AFTER
+            logger.warning(
+                "cannot record this worker's heartbeat (%s); is the hitl-pruner server on this "
+                "database older than this worker? Trials that have not reported yet are ended at "
+                "once instead of asked. Trying again in %.0f s", str(exc).splitlines()[0],
+                RETRY_AFTER,
+            )
+            return
+        if last is None:
+            _beating.add(self)
+
+    def _beats_for_pid(self) -> None:
+        """Start this process's heartbeats afresh: in a forked child, the parent's rows stay
+        the parent's."""
+        self._pid = os.getpid()
+        host = socket.gethostname()[:40]
+        self._worker = f"{host}:{self._pid}:{secrets.token_hex(4)}"
+        self._beats = {}
+        self._beat_retry_at = 0.0
+
+    def retire(self) -> None:
+        """Delete this process's heartbeats: it checks no more (called when it exits)."""
+        with self._lock:
+            away = time.monotonic() < max(self._retry_at, self._beat_retry_at)
+            if self._pid != os.getpid() or not self._beats or away:
+                # Nothing written by this process, or the database was away at the last try:
+                # an exiting process does not wait for it.
+                return
+            params = {"w_worker": self._worker, "w_studies": sorted(self._beats)}
+            self._beats = {}
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(RETIRE, params)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.debug("could not delete this worker's heartbeats: %s", exc)
 
     def _refresh(self, conn: sa.Connection, study_id: int, after: int, newest: int) -> None:
         """Read the trials relabelled since ``after`` again into Optuna's cache."""
@@ -278,6 +386,15 @@ _channels: weakref.WeakKeyDictionary[BaseStorage, _Channel | None] = (
     weakref.WeakKeyDictionary()
 )
 _channels_lock = threading.Lock()
+# Channels that wrote a heartbeat: when the process exits they delete their rows, so the server
+# stops asking at once instead of when the heartbeat grows old.
+_beating: weakref.WeakSet[_Channel] = weakref.WeakSet()
+
+
+@atexit.register
+def _retire_all() -> None:
+    for channel in list(_beating):
+        channel.retire()
 
 
 def _channel(study: optuna.Study) -> _Channel | None:

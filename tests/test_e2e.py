@@ -401,8 +401,9 @@ def test_restart_applies_notes_written_while_down_and_nothing_twice(
         study._study_id, ids["running"], ids["complete"], ids["running2"]
     )
 
-    # The first server's sweep stays idle: the notes it applied on save are still queued
-    # when it stops, and the next server's sweep meets them.
+    # The first server's sweep stays idle; the notes it applied on save are off the queue
+    # (they must not be applied again over a later decision), so the next server's sweep meets
+    # only the note written while nobody served.
     with launch("gunicorn", storage_url, tmp_path, interval=SWEEP_IDLE) as before:
         replies = [
             before.put_note(sid, pruned, 1, "PRUNE"),
@@ -412,7 +413,7 @@ def test_restart_applies_notes_written_while_down_and_nothing_twice(
         assert_no_traceback(before)
     assert before.returncode == 0, before.describe()
     assert [r.outcome["action"] if r.outcome else r.status for r in replies] == ["applied"] * 3
-    assert db.pending() > 0
+    assert db.pending() == 0
 
     # Nobody is serving: a worker script writes a command anyway.
     db.save_note("s", later, "FAIL (out of memory)")
@@ -807,7 +808,9 @@ def test_everything_else_passes_through(
     assert root.status == 302 and root.headers["Location"].endswith("/dashboard")
     assert page.status == 200, page
     assert page.headers["Content-Type"].startswith("text/html")
-    assert page.headers["Content-Security-Policy"] == DASHBOARD_CSP
+    # The dashboard's own policy, and no other site may frame the page (origin.py).
+    assert page.headers["Content-Security-Policy"] == DASHBOARD_CSP + "; frame-ancestors 'self'"
+    assert page.headers["X-Frame-Options"] == "SAMEORIGIN"
     assert "X-Hitl-Outcome" not in page.headers
     assert deep_link.status == 200 and deep_link.text == page.text
     assert script[1] == "/static/bundle.js"

@@ -7,7 +7,9 @@ runs the same with real processes.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import pickle
 from typing import Any
 
@@ -32,6 +34,7 @@ import sqlalchemy as sa
 
 import hitl_pruner
 from hitl_pruner import HumanInTheLoopPruner
+from hitl_pruner import rdb
 from hitl_pruner import worker
 
 
@@ -111,16 +114,36 @@ def test_the_fail_button_ends_a_running_trial_as_fail_and_optimize_goes_on(
     assert [t.state for t in study.get_trials()] == [S.FAIL, S.COMPLETE]
 
 
-def test_a_trial_is_marked_on_its_first_should_prune_and_the_study_once(sqlite_url: str) -> None:
+def heartbeats(url: str) -> list[tuple[int, str]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(
+                "SELECT study_id, worker FROM hitl_workers"
+            ))]
+    finally:
+        engine.dispose()
+
+
+def test_a_trial_is_marked_on_its_first_should_prune_and_the_process_beats_not_the_study(
+    sqlite_url: str,
+) -> None:
+    """The study is not marked: a study mark never expired, and outlived every wrapped worker."""
     app_for(sqlite_url)
     study = hitl_study(sqlite_url)
     trial = study.ask()
     trial.report(1.0, 0)
     storage = RDBStorage(sqlite_url)
     assert "hitl:cooperative" not in storage.get_trial(trial._trial_id).system_attrs
+    assert heartbeats(sqlite_url) == []
     assert trial.should_prune() is False
     assert storage.get_trial(trial._trial_id).system_attrs["hitl:cooperative"] is True
-    assert storage.get_study_system_attrs(study._study_id)["hitl:cooperative"] is True
+    assert "hitl:cooperative" not in storage.get_study_system_attrs(study._study_id)
+    [(study_id, name)] = heartbeats(sqlite_url)
+    assert study_id == study._study_id and f":{os.getpid()}:" in name
+
+    worker._retire_all()  # what the process does when it exits
+    assert heartbeats(sqlite_url) == []
 
 
 @pytest.mark.parametrize(
@@ -210,8 +233,14 @@ def test_a_check_is_one_query_and_check_interval_throttles_it(sqlite_url: str) -
     for step in range(5):
         trial.report(step, step)
         trial.should_prune()
-    assert len(statements.seen) == 5, "one query per should_prune() with check_interval=0"
-    assert all("hitl_requests" in s and "hitl_audit" in s for s in statements.seen)
+    checks = [s for s in statements.seen if "hitl_workers" not in s]
+    assert len(checks) == 5, "one query per should_prune() with check_interval=0"
+    assert all("hitl_requests" in s and "hitl_audit" in s for s in checks)
+    beats = [s for s in statements.seen if "hitl_workers" in s]
+    # The first heartbeat of the process on the study: clear rows of long-gone workers, then
+    # update-or-insert its own row; none again within HEARTBEAT_EVERY seconds.
+    assert [s.split()[0] for s in beats] == ["DELETE", "UPDATE", "INSERT"], beats
+    assert worker.HEARTBEAT_EVERY >= 1.0
 
     throttled = optuna.load_study(study_name="w", storage=sqlite_url,
                                   pruner=HumanInTheLoopPruner(NopPruner(), check_interval=3600))
@@ -220,7 +249,8 @@ def test_a_check_is_one_query_and_check_interval_throttles_it(sqlite_url: str) -
     for step in range(5):
         trial.report(step, step)
         trial.should_prune()
-    assert len(statements.seen) == 1, "the first call checks, then none within check_interval"
+    checks = [s for s in statements.seen if "hitl_workers" not in s]
+    assert len(checks) == 1, "the first call checks, then none within check_interval"
 
 
 def test_the_check_uses_indexes_only(sqlite_url: str) -> None:
@@ -231,17 +261,26 @@ def test_the_check_uses_indexes_only(sqlite_url: str) -> None:
     trial = study.ask()
     trial.report(1, 0)
     trial.should_prune()
-    [query] = statements.seen
+    [query] = [s for s in statements.seen if "hitl_workers" not in s]
+    [beat] = [s for s in statements.seen if s.startswith("UPDATE hitl_workers")]
     engine = sa.create_engine(sqlite_url)
     with engine.connect() as conn:
         plan = conn.exec_driver_sql(
             "EXPLAIN QUERY PLAN " + query, (trial._trial_id, study._study_id)
+        ).all()
+        beat_plan = conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + beat, (study._study_id, "w")
         ).all()
     engine.dispose()
     details = [row[-1] for row in plan]
     scans = [d for d in details if d.startswith("SCAN") and d != "SCAN CONSTANT ROW"]
     assert not scans, details
     assert any("ix_hitl_audit_relabels" in d for d in details), details
+    # The heartbeat's update finds its row through the primary key's index.
+    [beat_detail] = [row[-1] for row in beat_plan]
+    assert beat_detail.startswith("SEARCH hitl_workers USING ") and beat_detail.endswith(
+        "(study_id=? AND worker=?)"
+    ), beat_detail
 
 
 class SpyTPE(TPESampler):
@@ -354,6 +393,41 @@ def test_without_the_server_tables_the_wrapper_is_the_wrapped_pruner(
         trial.report(2.0, 1)
         assert trial.should_prune() is True
     assert caplog.text.count("cannot read human requests") == 1
+
+
+def test_a_server_without_the_heartbeat_table_still_gets_its_requests_read(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server installed by an earlier version has no hitl_workers: the worker warns once,
+    and its checks go on."""
+    app_for(sqlite_url)
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE hitl_workers")
+    study = hitl_study(sqlite_url)
+
+    def objective(trial: optuna.Trial) -> float:
+        for step in range(3):
+            trial.report(step, step)
+            if step == 1 and trial.number == 0:
+                # What the earlier server writes for a marked trial.
+                now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+                with engine.begin() as conn:
+                    conn.execute(sa.insert(rdb.requests_t).values(
+                        trial_id=trial._trial_id, study_id=study._study_id, study_name="w",
+                        trial_number=0, target="PRUNED", source="note-save",
+                        requested_at=now, deadline=now + datetime.timedelta(seconds=60),
+                    ))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return 1.0
+
+    with caplog.at_level(logging.WARNING, logger="hitl_pruner"):
+        study.optimize(objective, n_trials=2)
+    engine.dispose()
+    assert [t.state for t in study.get_trials()] == [S.PRUNED, S.COMPLETE]
+    assert caplog.text.count("cannot record this worker's heartbeat") == 1, caplog.text
+    assert "cannot read human requests" not in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["inmemory", "journal"])

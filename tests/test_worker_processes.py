@@ -37,7 +37,7 @@ def worker_main(mode: str, url: str, study_name: str, n_trials: int, steps: int)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner: optuna.pruners.BasePruner = (
-        optuna.pruners.NopPruner() if mode == "plain"
+        optuna.pruners.NopPruner() if mode in ("plain", "quiet")
         else hitl_pruner.HumanInTheLoopPruner(optuna.pruners.NopPruner(), check_interval=0.1)
     )
     study = optuna.load_study(study_name=study_name, storage=url, pruner=pruner)
@@ -62,6 +62,10 @@ def worker_main(mode: str, url: str, study_name: str, n_trials: int, steps: int)
     else:
 
         def objective(trial: optuna.Trial) -> float:
+            if mode == "quiet":
+                # A plain worker whose objective reports nothing (no pruning at all).
+                time.sleep(steps * STEP_SECONDS)
+                return 1.0
             for step in range(steps):
                 trial.report(step / steps, step)
                 if trial.should_prune():
@@ -276,3 +280,71 @@ def test_the_worker_program_runs(sqlite_url: str, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ran": [0, 1]}
     assert "cannot read human requests" in out.stderr, "no server installed: a warning, no crash"
+
+
+def heartbeat_rows(url: str) -> list[object]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text("SELECT * FROM hitl_workers")).all())
+    finally:
+        engine.dispose()
+
+
+def test_after_a_wrapped_worker_exits_a_plain_workers_trial_is_forced_at_once(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Regression: once a wrapped worker had run on a study, a human's PRUNE on a plain worker's
+    trial that had not reported answered "requested ... (it uses HumanInTheLoopPruner)" and
+    waited out the grace period."""
+    study = optuna.create_study(study_name="mixed", storage=sqlite_url)
+    storage = RDBStorage(sqlite_url)
+    with serve_server(sqlite_url, tmp_path, args=["--grace", "60"],
+                      interval=INTERVAL) as server:
+        with workers("wrapped", sqlite_url, "mixed", 1, 2, tmp_path) as procs:
+            code, ran, err = procs[0].finish(timeout=60)
+        assert code == 0 and len(ran) == 2, err
+        with workers("quiet", sqlite_url, "mixed", 1, 1, tmp_path) as procs:
+            target = running_trial(storage, study._study_id, set(), 0, [server])
+            reply = server.put_note(study._study_id, target._trial_id, 1, "PRUNE")
+            assert reply.outcome["action"] == "applied", reply
+            assert storage.get_trial(target._trial_id).state is TrialState.PRUNED
+            code, _, err = procs[0].finish(timeout=60)
+    assert code != 0 and "Cannot tell a PRUNED trial" in err, "a plain worker, as warned"
+    [row] = audit_rows(sqlite_url)
+    assert (row.trial_id, row.how) == (target._trial_id, "forced")
+    assert heartbeat_rows(sqlite_url) == [], "the wrapped worker took its heartbeat with it"
+
+
+def test_a_live_wrapped_worker_gets_unreported_trials_asked_until_its_heartbeat_is_old(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A trial that has not reported may be a wrapped worker's that could not mark itself yet:
+    asked while a wrapped worker of the study is alive, with the answer saying just that; once
+    the worker stops checking (it hangs here) for longer than the window, forced at once."""
+    from hitl_pruner.requests import worker_alive_for
+
+    grace = 1.0
+    study = optuna.create_study(study_name="alive", storage=postgres_url)
+    storage = RDBStorage(postgres_url)
+    with serve_server(postgres_url, tmp_path, args=["--grace", str(grace)],
+                      interval=INTERVAL) as server, \
+            workers("hung", postgres_url, "alive", 1, 2, tmp_path):
+        wait_for(lambda: heartbeat_rows(postgres_url), what="the wrapped worker's heartbeat",
+                 servers=[server], interval=0.05)
+        # The row's time is at most now: from here on the worker hangs and never beats again.
+        beat_seen = time.monotonic()
+        fresh = study.ask()  # a trial with nothing reported yet
+        reply = server.put_note(study._study_id, fresh._trial_id, 1, "PRUNE")
+        assert reply.outcome["action"] == "requested", reply
+        reason = reply.outcome["reason"]
+        assert "a worker of this study running HumanInTheLoopPruner was seen" in reason, reason
+        assert "this trial has not reported yet" in reason, reason
+
+        time.sleep(max(0.0, beat_seen + worker_alive_for(grace) + 0.5 - time.monotonic()))
+        later = study.ask()
+        reply = server.put_note(study._study_id, later._trial_id, 1, "PRUNE")
+        assert reply.outcome["action"] == "applied", reply
+        assert storage.get_trial(later._trial_id).state is TrialState.PRUNED

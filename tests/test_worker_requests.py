@@ -20,12 +20,12 @@ from optuna.trial import TrialState as S
 import pytest
 import sqlalchemy as sa
 
+from hitl_pruner import HumanInTheLoopPruner
 from hitl_pruner.commands import Command as C
 from hitl_pruner.config import ConfigError
 from hitl_pruner.config import resolve
 from hitl_pruner.requests import COOPERATIVE_ATTR
 from hitl_pruner.requests import Settle
-from hitl_pruner.requests import cooperates
 from hitl_pruner.requests import settle
 from hitl_pruner.transitions import Action as A
 from hitl_pruner.transitions import Worker
@@ -80,19 +80,7 @@ def test_settle(target: S, state: S | None, now: datetime.datetime, verdict: Set
     assert settle(target, state, LATER, now) is verdict
 
 
-@pytest.mark.parametrize(
-    "marked, study, reported, expected",
-    [
-        pytest.param(True, True, True, True, id="marked"),
-        pytest.param(False, True, False, True, id="not-checked-in-yet"),
-        pytest.param(False, True, True, False, id="reported-without-the-wrapper"),
-        pytest.param(False, False, False, False, id="study-without-cooperative-workers"),
-    ],
-)
-def test_cooperates(marked: bool, study: bool, reported: bool, expected: bool) -> None:
-    assert cooperates(
-        marked=marked, study_has_cooperative_workers=study, reported=reported
-    ) is expected
+# Which evidence makes a worker cooperative: test_cooperation.py.
 
 
 # --- on the databases ------------------------------------------------------------------------
@@ -100,9 +88,7 @@ def test_cooperates(marked: bool, study: bool, reported: bool, expected: bool) -
 
 def mark(url: str, study_id: int, trial_id: int) -> None:
     """What HumanInTheLoopPruner writes on a trial's first should_prune()."""
-    storage = RDBStorage(url)
-    storage.set_study_system_attr(study_id, COOPERATIVE_ATTR, True)
-    storage.set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
+    RDBStorage(url).set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
 
 
 def rows(url: str, sql: str) -> list[sa.Row]:
@@ -148,18 +134,24 @@ def test_a_plain_workers_trial_is_forced_at_once_and_audited_so(storage_url: str
     assert audit(storage_url) == [("RUNNING", "PRUNED", "note-save", "forced")]
 
 
-def test_a_trial_that_has_not_reported_yet_gets_the_grace_period_in_a_cooperative_study(
+def test_a_trial_that_has_not_reported_yet_gets_the_grace_period_while_a_wrapped_worker_lives(
     storage_url: str,
 ) -> None:
     """Optuna calls a pruner only from should_prune(): a new trial cannot have marked itself."""
     study, ids = make_study(storage_url)
     fresh = study.ask()
     app = app_for(storage_url, grace=60)
-    r = save(app, study._study_id, fresh._trial_id, 1, "PRUNE")
-    assert r.outcome["action"] == "applied", "no cooperative worker in the study: forced"
-
-    fresh2 = study.ask()
     mark(storage_url, study._study_id, ids["running"])
+    r = save(app, study._study_id, fresh._trial_id, 1, "PRUNE")
+    assert r.outcome["action"] == "applied", "no wrapped worker checking in: forced"
+
+    # A wrapped worker checks in on the study (its heartbeat).
+    wrapped = optuna.load_study(study_name=study.study_name, storage=storage_url,
+                                pruner=HumanInTheLoopPruner(check_interval=0))
+    mine = wrapped.ask()
+    mine.report(0.5, 0)
+    mine.should_prune()
+    fresh2 = study.ask()
     r = save(app, study._study_id, fresh2._trial_id, 1, "FAIL")
     assert r.outcome["action"] == "requested"
     assert state(storage_url, fresh2._trial_id) is S.RUNNING
@@ -350,10 +342,14 @@ def test_other_tells_go_to_the_dashboard_untouched(storage_url: str, body: objec
     assert audit(storage_url) == []
 
 
-def test_the_fail_button_on_a_finished_trial_is_the_dashboards_business(sqlite_url: str) -> None:
-    """The button is the dashboard's for running trials; finished ones are relabelled by note."""
+def test_the_fail_button_on_a_finished_trial_is_refused_with_how_to_relabel(
+    sqlite_url: str,
+) -> None:
+    """Only running trials take a tell; a finished one is relabelled by note (409, not the
+    dashboard's 500)."""
     study, ids = make_study(sqlite_url)
     r = fail_button(app_for(sqlite_url), ids["complete"])
+    assert r.status == 409 and "relabel a finished trial" in r.json()["reason"]
     assert r.outcome is None
     assert state(sqlite_url, ids["complete"]) is S.COMPLETE
 
