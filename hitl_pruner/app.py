@@ -23,6 +23,9 @@ from .config import Settings
 from .health import Health
 from .journal import ApiStore
 from .middleware import HitlMiddleware
+from .origin import CrossOriginGuard
+from .outage import DatabaseState
+from .outage import OutageMiddleware
 from .rdb import InstallError
 from .rdb import SqlStore
 from .sweep import Sweeper
@@ -91,9 +94,7 @@ def _tls_hint(error: str) -> str:
     return ""
 
 
-def create_app(
-    settings: Settings, *, autostart: bool = True
-) -> UiMiddleware | AuthMiddleware:
+def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuard:
     """The dashboard wrapped in our middleware; its sweep starts in the serving process.
 
     The outer layer adds the browser side (buttons, toasts, the actions view) and passes
@@ -103,7 +104,8 @@ def create_app(
     hooks call it), or runs by hand with ``app.sweeper.run_once()``.
 
     With basic auth or a user header configured, ``AuthMiddleware`` wraps it all (and passes
-    the same attributes through).
+    the same attributes through). Outermost, ``CrossOriginGuard`` (origin.py) refuses
+    state-changing requests from other origins and framing by other sites.
     """
     storage = open_storage(settings)
     store: SqlStore | ApiStore
@@ -140,7 +142,11 @@ def create_app(
         sweep_lock = lock.for_journal(settings.storage_url)
         ping = storage.get_all_studies
     # One sweep at a time across processes and servers on this database (lock.py).
-    sweeper = Sweeper(applier, store, interval=settings.interval, lock=sweep_lock)
+    # This process's view of the database: an outage is logged once when it starts and ends.
+    state = DatabaseState()
+    sweeper = Sweeper(
+        applier, store, interval=settings.interval, lock=sweep_lock, state=state, ping=ping
+    )
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage
     ) else None
@@ -151,20 +157,26 @@ def create_app(
         sweeper=sweeper,
         after_fork=after_fork,
         autostart=autostart,
-        health=Health(ping, sweeper),
+        health=Health(ping, sweeper, state=state),
     )
     logger.info(
         "serving %s%s%s", settings.display_url,
         f", studies {', '.join(settings.studies)}" if settings.studies else "",
         " (dry run)" if settings.dry_run else "",
     )
-    ui = UiMiddleware(hitl, applier=applier)
+    # A request that meets a database outage, ours or the dashboard's, gets a JSON 503.
+    ui = OutageMiddleware(
+        UiMiddleware(hitl, applier=applier), state=state, ping=ping, retry_after=settings.interval
+    )
     if not (settings.basic_auth or settings.user_header):
-        return ui
-    # Outermost: every route, the dashboard's and ours, sees the checked REMOTE_USER.
-    return AuthMiddleware(
+        return CrossOriginGuard(ui)
+    # Every route, the dashboard's and ours, sees the checked REMOTE_USER.
+    authed = AuthMiddleware(
         ui,
         users=dict(settings.basic_auth),
         user_header=settings.user_header,
         trusted=settings.forwarded_allow_ips,
     )
+    # Outermost (inside behind_proxy's ProxyMiddleware): another site's request is refused
+    # before anything reads it, credentials included.
+    return CrossOriginGuard(authed)

@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 import pytest
 
 from hitl_pruner.commands import CommandParser
+from hitl_pruner.origin import CrossOriginGuard
 from hitl_pruner.requests import COOPERATIVE_ATTR
 from hitl_pruner.store import Note
 from hitl_pruner.ui import PAGE_CSP
 from hitl_pruner.ui import STATIC_DIR
-from hitl_pruner.ui import UiMiddleware
 
 TAGS = (
     '<link rel="stylesheet" href="/hitl/static/hitl.css">'
@@ -409,7 +409,7 @@ def test_a_trial_of_another_study_is_a_404(sqlite_url: str) -> None:
 def test_create_app_still_offers_the_middlewares_attributes(sqlite_url: str) -> None:
     """gunicorn's hooks and the tests use start_background, stop_background and sweeper."""
     app = app_for(sqlite_url)
-    assert isinstance(app, UiMiddleware)
+    assert isinstance(app, CrossOriginGuard)
     assert callable(app.start_background) and callable(app.stop_background)
     assert app.sweeper.run_once() is not None
     assert app.store is app.applier.store
