@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
                     help="no certificate, not even ./cert/ca.pem found by default detection")
     mon = p.add_argument_group("Monitor configuration")
     mon.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    mon.add_argument("--public", action="store_true", default=None,
+                     help="listen on a --host that is not loopback, without nginx in front, "
+                     "although a few slow clients can then hold up the server")
     mon.add_argument("--port", type=int, help="port to listen on (default: 8080)")
     mon.add_argument("--root-path", metavar="PATH",
                      help="path prefix a reverse proxy serves us under, e.g. /optuna (default: "
@@ -81,8 +85,10 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     mon.add_argument("--grace", type=float,
                      help="seconds a worker using HumanInTheLoopPruner has to end its trial "
                      "itself before the sweep forces the state (default: 3 x --interval)")
-    mon.add_argument("--prune-pattern", help=r"regex of a PRUNE command (default: \bPRUNE\b)")
-    mon.add_argument("--fail-pattern", help=r"regex of a FAIL command (default: \bFAIL\b)")
+    mon.add_argument("--prune-pattern",
+                     help="regex of a PRUNE command (default: the word PRUNE standing alone)")
+    mon.add_argument("--fail-pattern",
+                     help="regex of a FAIL command (default: the word FAIL standing alone)")
     mon.add_argument("--dry-run", action="store_true", default=None,
                      help="log what would change, change nothing")
     scope = mon.add_mutually_exclusive_group()
@@ -101,8 +107,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
                      help="take the user name from this header (e.g. X-Remote-User), sent by a "
                      "proxy at --forwarded-allow-ips")
     who.add_argument("--forwarded-allow-ips", metavar="IPS",
-                     help="proxy addresses or networks trusted with --user-header, "
-                     "comma-separated, or * (default: 127.0.0.1)")
+                     help="proxy addresses or networks trusted with X-Forwarded-* headers, a "
+                     "SCRIPT_NAME header and --user-header, comma-separated, or * (default: "
+                     "127.0.0.1)")
     who.add_argument("--allowed-users", metavar="USERS",
                      help="only these users' commands are applied, comma-separated; others can "
                      "still write notes (default: everyone's)")
@@ -114,7 +121,7 @@ SETTINGS_KEYS = (
     "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
-    "user_header forwarded_allow_ips allowed_users root_path"
+    "user_header forwarded_allow_ips allowed_users root_path public"
 ).split()
 
 
@@ -174,6 +181,28 @@ def _uninstall(settings: Settings) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): only this machine reaches it."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: where it points may change; not loopback
+        return False
+
+
+def check_public(settings: Settings) -> None:
+    """serve reads each request in one of 4 threads: a few clients that send half a request
+    and stall hold them all. nginx in front reads each request whole first (README)."""
+    if settings.public or is_loopback(settings.host):
+        return
+    raise ConfigError(
+        f"--host {settings.host} is not a loopback address, and a few slow clients can hold "
+        "up serve there: keep it on 127.0.0.1 and put nginx in front (see README, "
+        "Deployment), or give --public (HITL_PUBLIC=1) to listen there anyway"
+    )
+
+
 def _serve(settings: Settings, *, demo: bool) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -181,6 +210,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
     from .app import create_app
     from .prefix import behind_proxy
 
+    check_public(settings)
     demo_worker = None
     if demo:
         from . import demo as demo_module
@@ -191,7 +221,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
             [sys.executable, "-m", "hitl_pruner.demo", settings.storage_url]
         )
     app = behind_proxy(create_app(settings), settings)
-    url = f"http://{settings.host}:{settings.port}/dashboard"
+    url = f"http://{gunicorn_hooks.bind_address(settings)}/dashboard"
 
     def when_ready(server: Any) -> None:
         logger.info("dashboard at %s", url)
@@ -202,7 +232,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
                 logger.error("cannot start --browser-path %s: %s", settings.browser_path, exc)
 
     options = {
-        "bind": f"{settings.host}:{settings.port}",
+        "bind": gunicorn_hooks.bind_address(settings),
         "workers": 1,
         "worker_class": "gthread",
         "threads": 4,
@@ -211,7 +241,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
         "when_ready": when_ready,
         "loglevel": "debug" if settings.verbose else "info",
         # gunicorn's own trust: X-Forwarded-Proto (https) and a SCRIPT_NAME header.
-        "forwarded_allow_ips": ",".join(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": gunicorn_hooks.trusted_proxies(settings),
     }
 
     class Server(BaseApplication):  # type: ignore[misc]

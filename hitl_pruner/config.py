@@ -44,6 +44,9 @@ class Settings:
     storage_url: str = "sqlite:///optuna.db"
     host: str = "127.0.0.1"
     port: int = 8080
+    # serve listens on a host that is not loopback only when told to: a few slow clients can
+    # hold all its threads, where nginx in front reads each request whole first.
+    public: bool = False
     # The path the dashboard is served under behind a proxy ("/optuna"), or "" (see prefix.py).
     root_path: str = ""
     studies: tuple[str, ...] = ()
@@ -132,14 +135,18 @@ OPTIONS = [
     _Option("cert", str, "auto (default), use or off: whether to use the CA certificate"),
     _Option("host", str, "Address to listen on (serve, and gunicorn.conf.py; default 127.0.0.1)"),
     _Option("port", int, "Port to listen on (default 8080)"),
+    _Option("public", _bool, "serve: listen on a --host that is not loopback, without nginx "
+            "in front (slow clients can hold up the server)"),
     _Option("root_path", str, "Path prefix the proxy serves us under, e.g. /optuna (default: "
             "none, or a trusted proxy's SCRIPT_NAME or X-Forwarded-Prefix)"),
     _Option("study", _studies, "Only these studies (comma-separated in the environment)"),
     _Option("interval", float, "Seconds between sweeps (default 10)"),
     _Option("grace", float, "Seconds a cooperative worker has before the state is forced "
             "(default 3 x interval)"),
-    _Option("prune_pattern", str, r"Regex for a PRUNE command (default \bPRUNE\b)"),
-    _Option("fail_pattern", str, r"Regex for a FAIL command (default \bFAIL\b)"),
+    _Option("prune_pattern", str,
+            "Regex for a PRUNE command (default: the word PRUNE standing alone)"),
+    _Option("fail_pattern", str,
+            "Regex for a FAIL command (default: the word FAIL standing alone)"),
     _Option("dry_run", _bool, "Log what would change, change nothing"),
     _Option("active_only", _bool, "Only RUNNING/WAITING trials: no retroactive relabels"),
     _Option("all_trials", _bool, "Retroactive relabels on (the default; seed tool's flag)"),
@@ -150,8 +157,8 @@ OPTIONS = [
             "(hashes from `python -m hitl_pruner hash-password USER`)"),
     _Option("basic_auth", str, "Same as basic_auth_file, inline: user:hash,user:hash"),
     _Option("user_header", str, "Header a trusted proxy names the user in (e.g. X-Remote-User)"),
-    _Option("forwarded_allow_ips", str, "Proxy addresses trusted with the user header, "
-            "comma-separated, or * (default 127.0.0.1)"),
+    _Option("forwarded_allow_ips", str, "Proxy addresses trusted with forwarded headers "
+            "(gunicorn's too) and the user header, comma-separated, or * (default 127.0.0.1)"),
     _Option("allowed_users", _studies, "Only these users' commands are applied "
             "(comma-separated; default: everyone's)"),
 ]
@@ -251,6 +258,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         storage_url=storage_url,
         host=raw.get("host", "127.0.0.1"),
         port=port,
+        public=_public(raw.get("public", False)),
         root_path=root_path,
         studies=tuple(raw.get("study", ())),
         interval=interval,
@@ -318,6 +326,16 @@ def _who_may_act(raw: dict[str, Any]) -> dict[str, Any]:
         "forwarded_allow_ips": trusted,
         "allowed_users": allowed or None,
     }
+
+
+def _public(value: Any) -> bool:
+    # A TOML string ("false") must not turn it on.
+    if isinstance(value, str):
+        try:
+            return _bool(value)
+        except ValueError as exc:
+            raise ConfigError(f"public={value!r} is not valid: {exc}") from None
+    return value is True
 
 
 def _read_password(path: str) -> str:

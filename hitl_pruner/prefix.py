@@ -70,7 +70,8 @@ class ProxyMiddleware:
         root_path: str = "",
     ) -> None:
         self.application = application
-        trusted = tuple(trusted)
+        # As given; gunicorn_hooks checks that gunicorn trusts the same proxies.
+        self.trusted = trusted = tuple(trusted)
         self._trust_all = "*" in trusted
         self._trusted: tuple[Network, ...] = tuple(
             ipaddress.ip_network(t, strict=False) for t in trusted if t != "*"

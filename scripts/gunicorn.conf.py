@@ -6,11 +6,17 @@
 import os
 
 # One sweep per worker, started after the fork; the same hooks as ./gunicorn.conf.py.
+from hitl_pruner.gunicorn_hooks import gunicorn_settings
 from hitl_pruner.gunicorn_hooks import post_worker_init  # noqa: F401
 from hitl_pruner.gunicorn_hooks import worker_exit  # noqa: F401
 
-# Loopback only: the proxy is the way in.
-bind = f"{os.environ.get('HITL_HOST', '127.0.0.1')}:{os.environ.get('HITL_PORT', '8080')}"
+# The address and the trusted proxies, from hitl-pruner's settings as wsgi:app reads them.
+_hitl = gunicorn_settings()
+
+# Loopback only (HITL_HOST:HITL_PORT, default 127.0.0.1:8080): the proxy is the way in. A few
+# clients that send half a request can hold all of gunicorn's threads; nginx reads every
+# request whole before it passes it on (scripts/nginx/, tests/test_slow_clients.py).
+bind = _hitl["bind"]
 
 # The dashboard polls every few seconds per open page: threads serve those cheaply. Each
 # worker runs its own sweep; the sweeps share a lock in the database.
@@ -19,10 +25,15 @@ worker_class = "gthread"
 threads = 4
 timeout = 60
 graceful_timeout = 15
+# nginx keeps idle upstream connections open for 60 s (keepalive_timeout in the upstream block):
+# gunicorn must not close one first, or a POST sent on it as it closes gets nginx's 502 (nginx
+# retries no POST).
+keepalive = 75
 
-# The proxies whose forwarded headers count, for gunicorn (X-Forwarded-Proto: https, a
-# SCRIPT_NAME header) and hitl-pruner (X-Forwarded-Prefix, -Host, the user header) alike.
-forwarded_allow_ips = os.environ.get("HITL_FORWARDED_ALLOW_IPS", "127.0.0.1")
+# The proxies whose forwarded headers count (HITL_FORWARDED_ALLOW_IPS), for gunicorn
+# (X-Forwarded-Proto: https, a SCRIPT_NAME header) and hitl-pruner (X-Forwarded-Prefix, -Host,
+# the user header) alike.
+forwarded_allow_ips = _hitl["forwarded_allow_ips"]
 
 # The peer (the proxy) and, after it, the client address chain the proxy reported.
 accesslog = "-"

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from hitl_pruner.cli import main
+from hitl_pruner.commands import DEFAULT_PRUNE_PATTERN
 from hitl_pruner.config import ConfigError
 from hitl_pruner.config import resolve
 
@@ -29,7 +30,7 @@ def test_cli_beats_environment_beats_toml_beats_default(tmp_path: Path) -> None:
     assert s.port == 9003  # CLI
     assert s.interval == 4.0  # environment over file
     assert s.studies == ("t",) and s.verbose  # file over default
-    assert s.prune_pattern == r"\bPRUNE\b"  # default
+    assert s.prune_pattern == DEFAULT_PRUNE_PATTERN  # default
 
 
 def test_from_config_flag_reads_the_file(tmp_path: Path) -> None:
@@ -147,3 +148,64 @@ def test_cli_reports_an_unreachable_database_without_traceback(
     assert "cannot open the storage postgresql+psycopg2://nobody:***@127.0.0.1:1/none" in err
     assert "Connection refused" in err
     assert "pw@" not in err and "Traceback" not in err
+
+
+def test_gunicorn_config_files_read_the_trusted_proxies_as_the_app_does(tmp_path: Path) -> None:
+    """gunicorn.conf.py's values come from resolve(): the environment, HITL_CONFIG's file, and
+    networks written as gunicorn's stricter parser accepts them."""
+    from hitl_pruner.gunicorn_hooks import gunicorn_settings
+
+    assert gunicorn_settings({}) == {"forwarded_allow_ips": "127.0.0.1/32",
+                                     "bind": "127.0.0.1:8080"}
+    env = {"HITL_FORWARDED_ALLOW_IPS": "10.0.0.1/8, ::1", "HITL_HOST": "::1", "HITL_PORT": "81"}
+    assert gunicorn_settings(env) == {"forwarded_allow_ips": "10.0.0.0/8,::1/128",
+                                      "bind": "[::1]:81"}
+    toml = write(tmp_path / "c.toml", 'forwarded_allow_ips = "*"\nport = 9001\n')
+    assert gunicorn_settings({"HITL_CONFIG": toml}) == {"forwarded_allow_ips": "*",
+                                                        "bind": "127.0.0.1:9001"}
+
+
+def test_a_gunicorn_config_file_with_a_wrong_setting_trusts_nobody_and_does_not_raise() -> None:
+    """An exception in gunicorn.conf.py halts gunicorn before wsgi:app can say what is wrong."""
+    from hitl_pruner.gunicorn_hooks import gunicorn_settings
+
+    for env in ({"HITL_FORWARDED_ALLOW_IPS": "proxy.example"}, {"HITL_PORT": "x"}):
+        assert gunicorn_settings(env)["forwarded_allow_ips"] == ""
+
+
+@pytest.mark.parametrize(
+    "host, public, allowed",
+    [
+        ("127.0.0.1", False, True),
+        ("127.0.0.2", False, True),
+        ("::1", False, True),
+        ("localhost", False, True),
+        ("0.0.0.0", False, False),
+        ("::", False, False),
+        ("192.0.2.7", False, False),
+        ("dashboard.example", False, False),
+        ("0.0.0.0", True, True),
+    ],
+)
+def test_serve_listens_beyond_loopback_only_with_public(
+    host: str, public: bool, allowed: bool
+) -> None:
+    from hitl_pruner.cli import check_public
+
+    env = {"HITL_HOST": host, "HITL_PUBLIC": "1" if public else "0"}
+    settings = resolve({}, env)
+    assert settings.public is public
+    if allowed:
+        check_public(settings)
+    else:
+        with pytest.raises(ConfigError, match="not a loopback address.*--public"):
+            check_public(settings)
+
+
+@pytest.mark.parametrize("value, public", [("true", True), ('"yes"', True), ('"false"', False),
+                                           ("false", False), ("1", False)])
+def test_public_in_a_toml_file_is_on_only_when_it_says_so(
+    value: str, public: bool, tmp_path: Path
+) -> None:
+    toml = write(tmp_path / "c.toml", f"public = {value}\n")
+    assert resolve({"from_config": toml}, {}).public is public
