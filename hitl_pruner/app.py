@@ -94,6 +94,13 @@ def _tls_hint(error: str) -> str:
     return ""
 
 
+def _browsers(settings: Settings) -> dict[str, tuple[str, ...]]:
+    return {
+        "allowed_hosts": settings.allowed_hosts,
+        "trusted_origins": settings.trusted_origins,
+    }
+
+
 def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuard:
     """The dashboard wrapped in our middleware; its sweep starts in the serving process.
 
@@ -169,7 +176,7 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
         UiMiddleware(hitl, applier=applier), state=state, ping=ping, retry_after=settings.interval
     )
     if not (settings.basic_auth or settings.user_header):
-        return CrossOriginGuard(ui)
+        return CrossOriginGuard(ui, **_browsers(settings))
     # Every route, the dashboard's and ours, sees the checked REMOTE_USER.
     authed = AuthMiddleware(
         ui,
@@ -179,4 +186,4 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     )
     # Outermost (inside behind_proxy's ProxyMiddleware): another site's request is refused
     # before anything reads it, credentials included.
-    return CrossOriginGuard(authed)
+    return CrossOriginGuard(authed, **_browsers(settings))

@@ -113,6 +113,12 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     who.add_argument("--allowed-users", metavar="USERS",
                      help="only these users' commands are applied, comma-separated; others can "
                      "still write notes (default: everyone's)")
+    who.add_argument("--allowed-hosts", metavar="HOSTS",
+                     help="host names this server is reached under (e.g. the name nginx "
+                     "serves), comma-separated, or *; IP addresses and localhost always work")
+    who.add_argument("--trusted-origins", metavar="ORIGINS",
+                     help="other sites' origins allowed to change state, comma-separated, "
+                     "e.g. https://tools.example.org (default: none)")
     br = p.add_argument_group("Browser launch options")
     br.add_argument("--browser-path", help="open the dashboard in this browser executable")
 
@@ -121,7 +127,7 @@ SETTINGS_KEYS = (
     "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
-    "user_header forwarded_allow_ips allowed_users root_path public"
+    "user_header forwarded_allow_ips allowed_users root_path public allowed_hosts trusted_origins"
 ).split()
 
 

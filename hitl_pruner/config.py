@@ -71,6 +71,10 @@ class Settings:
     user_header: str | None = None
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)
     allowed_users: tuple[str, ...] | None = None
+    # Browsers (origin.py): the host names we answer state-changing requests under, besides IP
+    # addresses and localhost; the other sites' origins allowed to send them.
+    allowed_hosts: tuple[str, ...] = ()
+    trusted_origins: tuple[str, ...] = ()
 
     @property
     def grace_seconds(self) -> float:
@@ -161,6 +165,10 @@ OPTIONS = [
             "(gunicorn's too) and the user header, comma-separated, or * (default 127.0.0.1)"),
     _Option("allowed_users", _studies, "Only these users' commands are applied "
             "(comma-separated; default: everyone's)"),
+    _Option("allowed_hosts", _studies, "Host names the server is reached under, besides IP "
+            "addresses and localhost (comma-separated, or *; default: none)"),
+    _Option("trusted_origins", _studies, "Other sites' origins allowed to change state, e.g. "
+            "https://tools.example.org (comma-separated; default: none)"),
 ]
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -325,7 +333,26 @@ def _who_may_act(raw: dict[str, Any]) -> dict[str, Any]:
         "user_header": header,
         "forwarded_allow_ips": trusted,
         "allowed_users": allowed or None,
+        **_browsers(raw),
     }
+
+
+def _browsers(raw: dict[str, Any]) -> dict[str, Any]:
+    from . import origin
+
+    checked: dict[str, Any] = {}
+    for key, check, example in (
+        ("allowed_hosts", origin.normalize_host, "optuna.example.org"),
+        ("trusted_origins", origin.normalize_origin, "https://tools.example.org"),
+    ):
+        value = raw.get(key) or ()
+        items = _studies(value) if isinstance(value, str) else tuple(value)
+        try:
+            checked[key] = tuple(check(item) for item in items)
+        except ValueError as exc:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag}: {exc}; give e.g. {example}, comma-separated") from None
+    return checked
 
 
 def _public(value: Any) -> bool:

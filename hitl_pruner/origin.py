@@ -21,6 +21,13 @@ no ``Sec-Fetch-Site``, an ``Origin``
 neither header
     Passes: not a browser's request (curl, scripts, workers), so no other site sent it.
 
+Before any of that, the host the request was sent to (the same X-Forwarded-Host or Host) must
+be one this server answers to: an IP address, ``localhost`` (or a name under ``.localhost``,
+which browsers resolve themselves), or a name on ``allowed_hosts`` (``*``: any). Otherwise
+``403``. A page from a name its owner points at this server's address (DNS rebinding) is
+same-origin to the browser, so only the name tells it apart; a request without Host is not a
+browser's and passes.
+
 A request that passed and carries a body (``Content-Length`` above 0, or chunked) must say
 ``Content-Type: application/json``, else ``415``: every state-changing route of the dashboard
 and of hitl-pruner reads JSON, and a JSON content type is one that no page of another site can
@@ -39,7 +46,9 @@ Attributes this class does not have are the wrapped application's, as for the ot
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import Iterable
@@ -56,6 +65,7 @@ JSON_TYPE = "application/json"
 FRAME_OPTIONS = ("X-Frame-Options", "SAMEORIGIN")
 FRAME_ANCESTORS = "frame-ancestors 'self'"
 DEFAULT_PORTS = {"http": "80", "https": "443"}
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 PROXY_HINT = (
     "behind a reverse proxy, forward the Host header with its port (nginx: proxy_set_header "
     "Host $http_host) or set X-Forwarded-Host, from an address in --forwarded-allow-ips"
@@ -92,10 +102,15 @@ class CrossOriginGuard:
     """Refuse state-changing requests from other origins, and framing by other sites."""
 
     def __init__(
-        self, application: WSGIApplication, *, trusted_origins: Iterable[str] = ()
+        self,
+        application: WSGIApplication,
+        *,
+        trusted_origins: Iterable[str] = (),
+        allowed_hosts: Iterable[str] = (),
     ) -> None:
         self.application = application
         self.trusted_origins = frozenset(normalize_origin(o) for o in trusted_origins)
+        self.allowed_hosts = frozenset(normalize_host(h) for h in allowed_hosts)
 
     def __getattr__(self, name: str) -> Any:
         if name == "application":  # not set yet: no wrapped app to ask
@@ -121,6 +136,14 @@ class CrossOriginGuard:
     def refusal(self, environ: WSGIEnvironment) -> str | None:
         """Why this state-changing request looks sent by another origin's page, or None."""
         method = environ.get("REQUEST_METHOD", "")
+        host = _requested_host(environ)
+        if host is not None and not self._serves(host):
+            return (
+                f"refused a {method} sent to {host!r}: this server answers state-changing "
+                "requests only under an IP address, localhost, or a name on --allowed-hosts "
+                "(HITL_ALLOWED_HOSTS), so that a page whose own name points at this server "
+                "(DNS rebinding) cannot act here; add the name you serve under"
+            )
         origin = environ.get("HTTP_ORIGIN")
         if origin is not None and self._trusted(origin):
             return None
@@ -142,11 +165,41 @@ class CrossOriginGuard:
             f"to ({host or 'no Host header'}); {PROXY_HINT}"
         )
 
+    def _serves(self, host: str) -> bool:
+        name = _hostname(host)
+        if "*" in self.allowed_hosts or name in self.allowed_hosts:
+            return True
+        if name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
     def _trusted(self, origin: str) -> bool:
         try:
             return normalize_origin(origin) in self.trusted_origins
         except ValueError:
             return False
+
+
+def normalize_host(host: str) -> str:
+    """A host name for ``allowed_hosts``, in lower case; ``*`` for any. ValueError if not one."""
+    name = host.strip().lower().rstrip(".")
+    if name == "*" or HOST_NAME.match(name):
+        return name
+    raise ValueError(f"not a host name like optuna.example.org: {host!r}")
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port or an IPv6 address's brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
 
 
 def _requested_host(environ: WSGIEnvironment) -> str | None:

@@ -24,6 +24,8 @@ from processes import HOST
 from processes import Server
 from processes import gunicorn_server
 import pytest
+from test_browser import CHROMIUM
+from test_browser import CHROMIUM_ARGS
 from test_browser import SHOWN_STATE
 from test_browser import STUDY
 from test_browser import Pages
@@ -343,7 +345,7 @@ def test_behind_nginx_the_origin_is_checked_against_the_browsers_host(
     then rests on the host nginx forwards (scripts/nginx: Host and X-Forwarded-Host with the
     port), which must be the one the browser asked for."""
     _, ids = seed(RDBStorage(sqlite_url))
-    with deployed(sqlite_url, tmp_path) as proxy:
+    with deployed(sqlite_url, tmp_path, env={"HITL_ALLOWED_HOSTS": "optuna.example.org"}) as proxy:
         tell = f"{prefix}/api/trials/{{}}/tell"
         port = proxy.base.rsplit(":", 1)[1]
         fail = {"state": "Fail"}
@@ -360,7 +362,53 @@ def test_behind_nginx_the_origin_is_checked_against_the_browsers_host(
                      "Origin": f"http://optuna.example.org:{port}"},
         )
         assert named.status == 204, named
+        # A name the server was not told it is reached under: a rebinding page's own.
+        unnamed = proxy.request(
+            "POST", tell.format(ids[3]), json=fail,
+            headers={"Host": f"rebind.example:{port}", "Origin": f"http://rebind.example:{port}"},
+        )
+        assert unnamed.status == 403 and "--allowed-hosts" in unnamed.json["reason"], unnamed
         own = proxy.request("POST", tell.format(ids[3]), json=fail,
                             headers={"Origin": proxy.base})
         assert own.status == 204, own
         assert state_of(sqlite_url, ids[3]) is TrialState.FAIL
+
+
+@pytest.mark.parametrize("allowed", ["", "rebind.test"], ids=["unlisted", "allowed"])
+def test_a_page_under_a_name_that_points_here_cannot_act_unless_the_name_is_allowed(
+    allowed: str, browser: Any, sqlite_url: str, tmp_path: Path  # noqa: F811
+) -> None:
+    """DNS rebinding: Chromium resolves rebind.test to this server (--host-resolver-rules, as a
+    rebinding attacker's DNS would), so the page is same-origin to itself and its fetch carries
+    Sec-Fetch-Site: same-origin. Only the name tells it apart: refused unless on
+    --allowed-hosts; the same fetch from 127.0.0.1 always works."""
+    _, ids = seed(RDBStorage(sqlite_url))
+    env = {"HITL_ALLOWED_HOSTS": allowed} if allowed else {}
+    with gunicorn_server(sqlite_url, tmp_path, env=env) as server:
+        port = server.base.rsplit(":", 1)[1]
+        # A Chromium of its own: the resolver rule is a launch argument.
+        chromium = browser.browser_type.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP rebind.test {HOST}"],
+        )
+        try:
+            page = chromium.new_page()
+            tell = (
+                "async (id) => (await fetch(`/api/trials/${id}/tell`, {method: 'POST', "
+                "headers: {'Content-Type': 'application/json'}, body: '{\"state\": \"Fail\"}'}))"
+                ".status"
+            )
+            page.goto(f"http://rebind.test:{port}/healthz")  # a page without hitl.js
+            rebound = page.evaluate(tell, ids[2])
+            page.goto(f"http://{HOST}:{port}/healthz")
+            own = page.evaluate(tell, ids[3])
+        finally:
+            chromium.close()
+    assert own == 204
+    assert state_of(sqlite_url, ids[3]) is TrialState.FAIL
+    if allowed:
+        assert rebound == 204
+        assert state_of(sqlite_url, ids[2]) is TrialState.FAIL
+    else:
+        assert rebound == 403
+        assert state_of(sqlite_url, ids[2]) is TrialState.RUNNING

@@ -120,7 +120,7 @@ def _environ(
         "SERVER_NAME": "test",
         "SERVER_PORT": "80",
         "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTP_HOST": "test",
+        "HTTP_HOST": "localhost",
         "REMOTE_ADDR": "127.0.0.1",
         "wsgi.input": io.BytesIO(body),
         "wsgi.errors": io.StringIO(),

@@ -24,11 +24,15 @@ import pytest
 from hitl_pruner import Settings
 from hitl_pruner import create_app
 from hitl_pruner.auth import hash_password
+from hitl_pruner.config import ConfigError
+from hitl_pruner.config import resolve
 from hitl_pruner.origin import CrossOriginGuard
 from hitl_pruner.prefix import behind_proxy
 
 HOST = "hitl.example:8080"
 PROXY = "127.0.0.1"  # in the default --forwarded-allow-ips
+# The names the tests' server is reached under (--allowed-hosts); IP addresses always count.
+ALLOWED_HOSTS = ("hitl.example", "optuna.example.org")
 
 
 class Fixture(NamedTuple):
@@ -46,7 +50,8 @@ def served(sqlite_url: str, tmp_path: Path) -> Fixture:
     study, ids = make_study(sqlite_url)
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    settings = Settings(storage_url=sqlite_url, artifact_dir=str(artifacts))
+    settings = Settings(storage_url=sqlite_url, artifact_dir=str(artifacts),
+                        allowed_hosts=ALLOWED_HOSTS)
     app = behind_proxy(create_app(settings, autostart=False), settings)
     # PRUNE, not FAIL: the dashboard cannot rename a study with a FAILed trial that has values.
     relabel = save(app, study._study_id, ids["complete"], 1, "PRUNE")
@@ -154,7 +159,8 @@ def test_a_logged_in_browser_is_refused_from_another_site_too(sqlite_url: str) -
     """Regression: with basic auth, the browser sends the login along with another site's
     form post, and the audit named the logged-in user as the one who FAILed the trial."""
     study, ids = make_study(sqlite_url)
-    settings = Settings(storage_url=sqlite_url, basic_auth=(("alice", hash_password("pw")),))
+    settings = Settings(storage_url=sqlite_url, basic_auth=(("alice", hash_password("pw")),),
+                        allowed_hosts=ALLOWED_HOSTS)
     app = behind_proxy(create_app(settings, autostart=False), settings)
     login = "Basic " + base64.b64encode(b"alice:pw").decode()
     tell = f"/api/trials/{ids['running']}/tell"
@@ -304,7 +310,8 @@ def test_any_other_method_is_guarded(served: Fixture, method: str) -> None:
 
 def test_a_trusted_origin_may_change_state_from_another_site(served: Fixture) -> None:
     inner = served.app.application.application  # inside create_app's own guard
-    app = CrossOriginGuard(inner, trusted_origins=["https://tools.example.org:443"])
+    app = CrossOriginGuard(inner, trusted_origins=["https://tools.example.org:443"],
+                           allowed_hosts=ALLOWED_HOSTS)
     cross = headers(sec_fetch_site="cross-site", origin="https://tools.example.org")
     r = call(app, "POST", f"/api/trials/{served.ids['running']}/tell", {"state": "Fail"},
              environ=cross)
@@ -432,3 +439,78 @@ def test_framing_headers_join_what_the_response_has(
     _, sent = raw_headers(CrossOriginGuard(inner), "/")
     assert policies(sent) == expected_csp
     assert frame_options(sent) == expected_xfo
+
+
+# -- the name the request was sent to: DNS rebinding ----------------------------------------
+
+REBOUND = "http://rebind.example:8080"
+
+HOSTS = [
+    pytest.param({"host": "rebind.example:8080"}, FORBIDDEN, id="a name not on the list"),
+    pytest.param({"host": "REBIND.example:8080"}, FORBIDDEN, id="a name not on the list, caps"),
+    pytest.param({"host": "hitl.example.rebind.example"}, FORBIDDEN,
+                 id="a name that starts like ours"),
+    pytest.param({"host": "rebind.example", "x_forwarded_host": "hitl.example"}, ALLOWED,
+                 id="a listed x-forwarded-host from a trusted proxy"),
+    pytest.param({"host": "hitl.example", "x_forwarded_host": "rebind.example"}, FORBIDDEN,
+                 id="an unlisted x-forwarded-host from a trusted proxy"),
+    pytest.param({"host": "HITL.example.:8080"}, ALLOWED, id="a listed name, caps, final dot"),
+    pytest.param({"host": "127.0.0.1:8080"}, ALLOWED, id="an IPv4 address"),
+    pytest.param({"host": "[::1]:8080"}, ALLOWED, id="an IPv6 address"),
+    pytest.param({"host": "localhost:8080"}, ALLOWED, id="localhost"),
+    pytest.param({"host": "app.localhost"}, ALLOWED, id="a name under .localhost"),
+    pytest.param({"host": "localhost.rebind.example"}, FORBIDDEN,
+                 id="a name that starts with localhost"),
+    pytest.param({"host": ""}, ALLOWED, id="no host: not a browser"),
+]
+
+
+@pytest.mark.parametrize("given, expected", HOSTS)
+def test_a_state_change_needs_a_name_this_server_is_reached_under(
+    served: Fixture, given: dict[str, str], expected: int
+) -> None:
+    """Regression: a page under a name its owner points at this server (DNS rebinding) is
+    same-origin to the browser, so Sec-Fetch-Site and Origin both agree with it."""
+    environ = headers(sec_fetch_site="same-origin", **given)
+    before = snapshot(served)
+    r = call(served.app, "POST", f"/api/trials/{served.ids['running']}/tell",
+             {"state": "Fail"}, environ=environ)
+    assert r.status == expected, r.body
+    if expected == FORBIDDEN:
+        assert "--allowed-hosts" in r.json()["reason"]
+        assert snapshot(served) == before
+
+
+def test_a_name_reads_pass_and_any_host_can_be_allowed(sqlite_url: str) -> None:
+    """Only state changes are held to the names; * allows any."""
+    study, ids = make_study(sqlite_url)
+    for allowed, expected in (((), FORBIDDEN), (("*",), ALLOWED)):
+        settings = Settings(storage_url=sqlite_url, allowed_hosts=allowed)
+        app = behind_proxy(create_app(settings, autostart=False), settings)
+        environ = headers(sec_fetch_site="same-origin", host="rebind.example", origin=REBOUND)
+        assert call(app, "GET", f"/api/studies/{study._study_id}", environ=environ).status == 200
+        tell = call(app, "POST", f"/api/trials/{ids['running']}/tell", {"state": "Fail"},
+                    environ=environ)
+        assert tell.status == expected, tell.body
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"HITL_ALLOWED_HOSTS": "optuna.example.org,bad name"}, "--allowed-hosts"),
+    ({"HITL_ALLOWED_HOSTS": "https://optuna.example.org"}, "--allowed-hosts"),
+    ({"HITL_TRUSTED_ORIGINS": "tools.example.org"}, "--trusted-origins"),
+])
+def test_a_bad_name_or_origin_setting_says_which_and_how(
+    setting: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        resolve({}, setting)
+    assert message in str(raised.value) and "give e.g." in str(raised.value)
+
+
+def test_the_settings_reach_the_guard(sqlite_url: str) -> None:
+    settings = resolve({"storage_url": sqlite_url}, {
+        "HITL_ALLOWED_HOSTS": "Optuna.Example.org", "HITL_TRUSTED_ORIGINS": "https://t.example",
+    })
+    guard = create_app(settings, autostart=False)
+    assert guard.allowed_hosts == {"optuna.example.org"}
+    assert guard.trusted_origins == {"https://t.example"}
