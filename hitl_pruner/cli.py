@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import ipaddress
 import logging
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Sequence
 from .config import ConfigError
 from .config import Settings
 from .config import resolve
+from .launch import open_dashboard
 from .logs import setup_logging
 
 logger = logging.getLogger("hitl_pruner")
@@ -23,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hitl_pruner",
         description="optuna-dashboard with human-in-the-loop PRUNE/FAIL notes.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -119,26 +124,54 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     who.add_argument("--trusted-origins", metavar="ORIGINS",
                      help="other sites' origins allowed to change state, comma-separated, "
                      "e.g. https://tools.example.org (default: none)")
-    br = p.add_argument_group("Browser launch options")
+    br = p.add_argument_group("Browser launch options").add_mutually_exclusive_group()
     br.add_argument("--browser-path", help="open the dashboard in this browser executable")
+    br.add_argument("--thorium-app", action="store_true", default=None,
+                    help="open the dashboard in app mode (--app=URL) of the first "
+                    "Chromium-family browser on PATH: Thorium, Chromium, Chrome, Brave, Edge")
 
 
 SETTINGS_KEYS = (
     "storage_url db_url db_host db_port db_name db_user db_password db_password_file db_type "
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
-    "user_header forwarded_allow_ips allowed_users root_path public allowed_hosts trusted_origins"
+    "user_header forwarded_allow_ips allowed_users root_path public allowed_hosts trusted_origins "
+    "thorium_app"
 ).split()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The command and the settings given on the command line (None: not given)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # The command's own usage, not the top-level one: that is where the flag was meant.
+        commands = next(
+            a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        )
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    cli = {k: getattr(args, k, None) for k in SETTINGS_KEYS}
+    studies = cli.get("study")
+    if studies == []:
+        parser.error("--study needs at least one study name")
+    if studies:
+        # `--study NAME STORAGE_URL`: --study takes several names, and a URL after them would
+        # be read as one more. No study name has "://" in it; take it for the URL.
+        urls = [name for name in studies if "://" in name]
+        if urls:
+            if cli.get("storage_url") is not None or len(urls) > 1:
+                parser.error(f"--study: {urls[0]!r} is a storage URL, not a study name")
+            cli["storage_url"] = urls[0]
+            cli["study"] = [name for name in studies if "://" not in name] or None
+            if cli["study"] is None:
+                parser.error("--study needs at least one study name")
+    return args, cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, cli = parse(argv)
     if args.command == "hash-password":
         return _hash_password(args.user)
-    cli = {k: getattr(args, k, None) for k in SETTINGS_KEYS}
-    if cli.get("study") == []:
-        parser.error("--study needs at least one study name")
     try:
         settings = resolve(cli)
         setup_logging(settings.verbose)
@@ -209,6 +242,34 @@ def check_public(settings: Settings) -> None:
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError, saying how to fix it, when another process listens on host:port."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = addresses[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As gunicorn binds: a port whose old connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(
+                f"port {port} on {host} is in use (another server, or an earlier hitl-pruner "
+                "still running): stop it, or pick another port with --port N (HITL_PORT)"
+            ) from None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hitl-pruner")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _serve(settings: Settings, *, demo: bool) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -217,6 +278,8 @@ def _serve(settings: Settings, *, demo: bool) -> int:
     from .prefix import behind_proxy
 
     check_public(settings)
+    # Before the database is touched: gunicorn would retry for 5 s, then stop with exit 1.
+    check_port_free(settings.host, settings.port)
     demo_worker = None
     if demo:
         from . import demo as demo_module
@@ -231,11 +294,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
 
     def when_ready(server: Any) -> None:
         logger.info("dashboard at %s", url)
-        if settings.browser_path:
-            try:
-                subprocess.Popen([settings.browser_path, url])
-            except OSError as exc:
-                logger.error("cannot start --browser-path %s: %s", settings.browser_path, exc)
+        open_dashboard(url, browser_path=settings.browser_path, app_mode=settings.thorium_app)
 
     options = {
         "bind": gunicorn_hooks.bind_address(settings),

@@ -60,6 +60,8 @@ class Settings:
     retroactive: bool = True
     verbose: bool = False
     browser_path: str | None = None
+    # serve opens the dashboard in a Chromium-family browser's app mode (launch.py).
+    thorium_app: bool = False
     artifact_dir: str | None = None
     cert_path: str | None = None
     # The database password, kept apart from storage_url so no repr or log line shows it.
@@ -156,6 +158,8 @@ OPTIONS = [
     _Option("all_trials", _bool, "Retroactive relabels on (the default; seed tool's flag)"),
     _Option("verbose", _bool, "Debug logging"),
     _Option("browser_path", str, "Browser to open on the dashboard (serve only)"),
+    _Option("thorium_app", _bool, "Open the dashboard in app mode of a Chromium-family browser "
+            "found on PATH (serve only)"),
     _Option("artifact_dir", str, "Directory of a FileSystemArtifactStore for the dashboard"),
     _Option("basic_auth_file", str, "File of user:hash lines: HTTP basic auth on every request "
             "(hashes from `python -m hitl_pruner hash-password USER`)"),
@@ -277,6 +281,7 @@ def _build(raw: dict[str, Any]) -> Settings:
         retroactive=not raw.get("active_only", False),
         verbose=bool(raw.get("verbose", False)),
         browser_path=raw.get("browser_path"),
+        thorium_app=bool(raw.get("thorium_app", False)),
         artifact_dir=raw.get("artifact_dir"),
         db_password=password,
     )

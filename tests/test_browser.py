@@ -269,9 +269,14 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
 
         # The actions view lists both, newest first, and undoes the relabel.
         page.locator(".hitl-bar a", has_text="Human actions").click()
-        page.wait_for_url("**/hitl/actions")
+        page.wait_for_url(f"**/hitl/actions?study={sid}")
         rows = page.locator("#hitl-actions tr")
         rows.first.locator("button.hitl-btn-undo").wait_for()
+        # "Dashboard" leads back to the study the actions were opened from, as does its name.
+        back = page.locator("#hitl-dashboard-link").get_attribute("href")
+        assert back == f"/dashboard/studies/{sid}", back
+        study_link = rows.nth(0).locator(f"a[href='/dashboard/studies/{sid}']")
+        assert study_link.inner_text() == STUDY
         assert rows.count() == 2
         assert rows.nth(0).get_attribute("data-trial") == str(ids[0])
         assert "COMPLETE \u2192 FAIL" in rows.nth(0).inner_text()

@@ -423,7 +423,8 @@
           parts.push(hint);
         }
         const link = document.createElement("a");
-        link.href = `${PREFIX}/hitl/actions`;
+        // The actions page links back to this study.
+        link.href = `${PREFIX}/hitl/actions?study=${encodeURIComponent(studyId)}`;
         link.textContent = "Human actions";
         parts.push(link);
         bar.replaceChildren(...parts);
@@ -617,7 +618,11 @@
       const time = new Date(a.time);
       cell(tr, time.toLocaleString()).title = a.time;
       cell(tr, a.user || "\u2014");
-      cell(tr, `${a.study_name}`).title = `study_id=${a.study_id}`;
+      const study = document.createElement("a");
+      study.href = `${PREFIX}/dashboard/studies/${a.study_id}`;
+      study.textContent = a.study_name;
+      study.title = `study_id=${a.study_id}`;
+      cell(tr, study);
       const link = document.createElement("a");
       link.href = `${PREFIX}/dashboard/studies/${a.study_id}/trials?numbers=${a.trial_number}`;
       link.textContent = `Trial ${a.trial_number}`;
@@ -689,6 +694,11 @@
   /* -- start ------------------------------------------------------------------------------------ */
 
   if (document.body.dataset.hitlPage === "actions") {
+    // Opened from a study's trial: "Dashboard" goes back to that study, not the study list.
+    const from = new URLSearchParams(location.search).get("study");
+    if (from && /^[0-9]+$/.test(from)) {
+      document.getElementById("hitl-dashboard-link").href = `${PREFIX}/dashboard/studies/${from}`;
+    }
     loadActions();
     setInterval(() => {
       if (document.visibilityState === "visible") {
