@@ -7,8 +7,10 @@ be reached skips the test locally, and fails it when CI=true.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from pathlib import Path
+import shutil
 from typing import Iterator
 import uuid
 
@@ -22,6 +24,20 @@ ADMIN_URLS = {
     ),
     "mysql": os.environ.get("HITL_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/"),
 }
+
+
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL server program (initdb, pg_ctl): on PATH, or Debian's versioned folder."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def as_postgres(cmd: list[str]) -> list[str]:
+    """The command as the postgres user when we are root: initdb and postgres refuse root."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 def unavailable(what: str) -> None:

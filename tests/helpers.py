@@ -45,6 +45,26 @@ def state(url: str, trial_id: int) -> TrialState:
     return RDBStorage(url).get_trial(trial_id).state
 
 
+def rows(url: str, sql: str) -> list[sa.Row]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(sql)).all()
+    finally:
+        engine.dispose()
+
+
+def snapshot(engine: sa.Engine) -> dict[str, list[str]]:
+    """Every row of every table: the trials, their states, notes (system attrs), audit ..."""
+    with engine.connect() as conn:
+        return {
+            table: sorted(repr(tuple(row)) for row in conn.execute(sa.text(
+                f"SELECT * FROM {table}"
+            )))
+            for table in sa.inspect(conn).get_table_names()
+        }
+
+
 def audit_rows(url: str) -> list[sa.Row]:
     """Every hitl_audit row, oldest first."""
     engine = sa.create_engine(url)

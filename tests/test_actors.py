@@ -22,6 +22,7 @@ from typing import Iterable
 from helpers import app_for
 from helpers import call
 from helpers import make_study
+from helpers import rows
 from helpers import save
 from helpers import state
 import optuna
@@ -30,7 +31,6 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState as S
 import pytest
-import sqlalchemy as sa
 
 from hitl_pruner.commands import Command as C
 from hitl_pruner.commands import CommandParser
@@ -47,15 +47,6 @@ def mark(url: str, study_id: int, trial_id: int) -> None:
     """What HumanInTheLoopPruner writes on a trial's first should_prune()."""
     storage = RDBStorage(url)
     storage.set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
-
-
-def rows(url: str, sql: str) -> list[sa.Row]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text(sql)).all()
-    finally:
-        engine.dispose()
 
 
 def audit(url: str) -> list[tuple[Any, ...]]:
@@ -450,7 +441,6 @@ def test_undo_strips_a_standalone_command_and_keeps_joined_words() -> None:
     parser = CommandParser()
     assert parser.strip("PRUNE-able layers.\nPRUNE") == "PRUNE-able layers."
     assert parser.strip("PRUNE-able layers: PRUNE") == "PRUNE-able layers:"
-
 
 
 def test_on_a_journal_a_save_the_sweep_raced_keeps_its_source_and_user(tmp_path: Path) -> None:

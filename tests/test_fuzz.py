@@ -24,6 +24,7 @@ from typing import Iterator
 
 from backends import database
 from helpers import app_for
+from helpers import snapshot
 from hypothesis import HealthCheck
 from hypothesis import example
 from hypothesis import given
@@ -155,16 +156,6 @@ def _call(app: Any, env: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         if close is not None:
             close()
     return int(captured["status"].split()[0]), dict(captured["headers"]), body
-
-
-def snapshot(engine: sa.Engine) -> dict[str, list[str]]:
-    with engine.connect() as conn:
-        return {
-            table: sorted(repr(tuple(row)) for row in conn.execute(sa.text(
-                f"SELECT * FROM {table}"
-            )))
-            for table in sa.inspect(conn).get_table_names()
-        }
 
 
 def check(world: World, route: str, env: dict[str, Any]) -> None:

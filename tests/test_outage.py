@@ -11,7 +11,6 @@ real databases (a dropped PostgreSQL database is one that does not answer).
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 from typing import Iterator
 
 from backends import ADMIN_URLS
+from backends import as_postgres
+from backends import pg_bin
 from backends import unavailable as service_unavailable
 from helpers import app_for
 from helpers import call
@@ -388,19 +389,6 @@ def test_a_waiting_process_takes_the_lock_at_once_when_its_connection_died(
 # -- end to end: a PostgreSQL of our own, stopped for 30 s ------------------------------------
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    # initdb and postgres refuse to run as root.
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 class OwnPostgres:
     """A PostgreSQL server of the test's own, which the test may stop and start."""
 
@@ -413,7 +401,7 @@ class OwnPostgres:
 
     def _ctl(self, *args: str) -> None:
         result = subprocess.run(
-            _as_postgres([self.pg_ctl, "-D", str(self.data), *args]),
+            as_postgres([self.pg_ctl, "-D", str(self.data), *args]),
             cwd=self.directory, capture_output=True, text=True, timeout=120,
         )
         if result.returncode != 0:
@@ -431,7 +419,7 @@ class OwnPostgres:
 
 @pytest.fixture
 def own_postgres() -> Iterator[OwnPostgres]:
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
         service_unavailable("PostgreSQL's initdb and pg_ctl")
     assert initdb is not None and pg_ctl is not None
@@ -443,7 +431,7 @@ def own_postgres() -> Iterator[OwnPostgres]:
             shutil.chown(directory, "postgres")
         directory.chmod(0o755)
         result = subprocess.run(
-            _as_postgres([initdb, "-D", str(directory / "data"), "-U", "postgres",
+            as_postgres([initdb, "-D", str(directory / "data"), "-U", "postgres",
                           "--auth=trust", "--no-sync"]),
             cwd=directory, capture_output=True, text=True, timeout=120,
         )
@@ -461,7 +449,7 @@ def own_postgres() -> Iterator[OwnPostgres]:
     finally:
         if server is not None:
             # Whatever state it is in; never the shared server on 5432.
-            subprocess.run(_as_postgres([pg_ctl, "-D", str(directory / "data"), "-m",
+            subprocess.run(as_postgres([pg_ctl, "-D", str(directory / "data"), "-m",
                                          "immediate", "stop"]),
                            cwd=directory, capture_output=True, timeout=60)
         shutil.rmtree(directory, ignore_errors=True)

@@ -23,6 +23,7 @@ from backends import BACKENDS
 from backends import database
 from helpers import app_for
 from helpers import call
+from helpers import snapshot
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -100,17 +101,6 @@ def target(world: World) -> Target:
 def audit(engine: sa.Engine) -> list[sa.Row]:
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT * FROM hitl_audit ORDER BY id")).all()
-
-
-def snapshot(engine: sa.Engine) -> dict[str, list[str]]:
-    """Every row of every table: the trials, their states, notes (system attrs), audit ..."""
-    with engine.connect() as conn:
-        return {
-            table: sorted(repr(tuple(row)) for row in conn.execute(sa.text(
-                f"SELECT * FROM {table}"
-            )))
-            for table in sa.inspect(conn).get_table_names()
-        }
 
 
 # -- the table -----------------------------------------------------------------------------

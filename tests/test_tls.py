@@ -9,7 +9,6 @@ one clear line and exit code 2. Without initdb or openssl the tests skip, and fa
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 import shutil
@@ -18,6 +17,8 @@ import sys
 import tempfile
 from typing import Iterator
 
+from backends import as_postgres
+from backends import pg_bin
 from backends import unavailable
 from helpers import make_study
 from processes import free_port
@@ -27,21 +28,6 @@ import pytest
 import sqlalchemy as sa
 
 pytestmark = pytest.mark.e2e
-
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root.
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return cmd
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -94,7 +80,7 @@ class TlsPostgres:
 
 @pytest.fixture(scope="module")
 def tls_postgres() -> Iterator[TlsPostgres]:
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
         unavailable("PostgreSQL's initdb and pg_ctl")
     if shutil.which("openssl") is None:
@@ -115,7 +101,7 @@ def tls_postgres() -> Iterator[TlsPostgres]:
         key.chmod(0o600)  # PostgreSQL refuses a key others can read
         for path in (ca, other_ca):
             path.chmod(0o644)
-        _run(_as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=trust"]), directory)
+        _run(as_postgres([initdb, "-D", str(data), "-U", "postgres", "--auth=trust"]), directory)
         port = free_port()
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(
@@ -127,13 +113,13 @@ def tls_postgres() -> Iterator[TlsPostgres]:
         (data / "pg_hba.conf").write_text(
             "local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
         )
-        _run(_as_postgres([pg_ctl, "-D", str(data), "-l", str(directory / "postgres.log"),
+        _run(as_postgres([pg_ctl, "-D", str(data), "-l", str(directory / "postgres.log"),
                            "-w", "-t", "60", "start"]), directory)
         started = True
         yield TlsPostgres(directory, port, ca, other_ca)
     finally:
         if started:
-            subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
+            subprocess.run(as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
                            cwd=directory, capture_output=True, timeout=60)
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import logging
 from helpers import app_for
 from helpers import call
 from helpers import make_study
+from helpers import rows
 from helpers import save
 from helpers import state
 import optuna
@@ -89,15 +90,6 @@ def test_settle(target: S, state: S | None, now: datetime.datetime, verdict: Set
 def mark(url: str, study_id: int, trial_id: int) -> None:
     """What HumanInTheLoopPruner writes on a trial's first should_prune()."""
     RDBStorage(url).set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
-
-
-def rows(url: str, sql: str) -> list[sa.Row]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text(sql)).all()
-    finally:
-        engine.dispose()
 
 
 def requests(url: str) -> dict[int, str]:
