@@ -3,6 +3,11 @@
 from .app import create_app
 from .config import Settings
 from .middleware import HitlMiddleware
+from .script import TrialResult
+from .script import UsageError
+from .script import fail
+from .script import prune
+from .script import undo
 from .worker import HumanInTheLoopPruner
 from .worker import ask
 from .worker import requested_state
@@ -13,8 +18,13 @@ __all__ = [
     "HitlMiddleware",
     "HumanInTheLoopPruner",
     "Settings",
+    "TrialResult",
+    "UsageError",
     "ask",
     "create_app",
+    "fail",
+    "prune",
     "requested_state",
     "tell",
+    "undo",
 ]

@@ -101,6 +101,46 @@ def _browsers(settings: Settings) -> dict[str, tuple[str, ...]]:
     }
 
 
+def open_store(storage: BaseStorage) -> SqlStore | ApiStore:
+    """Our view of the storage, our tables and triggers installed on an RDB one."""
+    if not isinstance(storage, RDBStorage):
+        logger.warning(
+            "journal storage: RUNNING and WAITING trials can be ended, but finished trials "
+            "cannot be relabelled (Optuna's journal is append-only)"
+        )
+        return ApiStore(storage)
+    store = SqlStore(storage)
+    try:
+        store.install()
+    except InstallError as exc:
+        raise ConfigError(str(exc)) from None
+    return store
+
+
+def build_applier(
+    settings: Settings,
+    storage: BaseStorage,
+    store: SqlStore | ApiStore,
+    *,
+    on_change: Callable[[int], None] = lambda study_id: None,
+) -> Applier:
+    """The one applier of the server and of scripts (script.py): the same allow-list,
+    refusals, retroactive and dry-run rules, grace and study filter, from the same Settings."""
+    return Applier(
+        store,
+        CommandParser(settings.prune_pattern, settings.fail_pattern),
+        retroactive=settings.retroactive,
+        dry_run=settings.dry_run,
+        studies=frozenset(settings.studies),
+        grace=settings.grace_seconds,
+        on_change=on_change,
+        allowed_users=(
+            frozenset(settings.allowed_users) if settings.allowed_users is not None else None
+        ),
+        refusals=Refusals(storage),
+    )
+
+
 def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuard:
     """The dashboard wrapped in our middleware; its sweep starts in the serving process.
 
@@ -115,32 +155,11 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     state-changing requests from other origins and framing by other sites.
     """
     storage = open_storage(settings)
-    store: SqlStore | ApiStore
-    if isinstance(storage, RDBStorage):
-        store = SqlStore(storage)
-        try:
-            store.install()
-        except InstallError as exc:
-            raise ConfigError(str(exc)) from None
-    else:
-        store = ApiStore(storage)
-        logger.warning(
-            "journal storage: RUNNING and WAITING trials can be ended, but finished trials "
-            "cannot be relabelled (Optuna's journal is append-only)"
-        )
+    store = open_store(storage)
     dashboard_app = dashboard.create(storage, settings.artifact_dir)
-    applier = Applier(
-        store,
-        CommandParser(settings.prune_pattern, settings.fail_pattern),
-        retroactive=settings.retroactive,
-        dry_run=settings.dry_run,
-        studies=frozenset(settings.studies),
-        grace=settings.grace_seconds,
+    applier = build_applier(
+        settings, storage, store,
         on_change=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
-        allowed_users=(
-            frozenset(settings.allowed_users) if settings.allowed_users is not None else None
-        ),
-        refusals=Refusals(storage),
     )
     if isinstance(storage, RDBStorage):
         sweep_lock = lock.for_engine(storage.engine)

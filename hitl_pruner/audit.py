@@ -29,6 +29,8 @@ NOTE_SAVE = "note-save"
 SWEEP = "sweep"
 # the dashboard's Fail Trial button (POST /api/trials/<id>/tell with state Fail).
 FAIL_BUTTON = "fail-button"
+# a note saved by `python -m hitl_pruner prune|fail|undo` or hitl_pruner.prune() (script.py).
+CLI = "cli"
 
 
 def actor(source: str, user: str | None, note_version: int | None = None) -> str:
@@ -46,6 +48,8 @@ def actor(source: str, user: str | None, note_version: int | None = None) -> str
         return f"{who} with the dashboard's Fail Trial button"
     if source == NOTE_SAVE:
         return f"{who} with a note{note} saved in the dashboard"
+    if source == CLI:
+        return f"{who} with a note{note} saved from the command line or a script"
     return f"{who} via {source}"
 
 

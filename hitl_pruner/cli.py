@@ -1,11 +1,19 @@
-"""`python -m hitl_pruner serve ...`: the dashboard with human PRUNE/FAIL, on gunicorn."""
+"""`python -m hitl_pruner serve ...`: the dashboard with human PRUNE/FAIL, on gunicorn; and
+`prune|fail|undo STORAGE_URL --study NAME --trials 3 5 7-9`: the same from a script (script.py).
+
+Exit codes of prune, fail and undo: 0 every trial got what was asked (applied, requested of
+its worker, already so, or a dry run); 1 some trial was refused or failed; 2 bad usage, an
+unknown study or trial number, or a configuration error (nothing changed).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib.metadata
 import ipaddress
+import json
 import logging
 import socket
 import subprocess
@@ -46,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     uninstall.add_argument("storage_url", nargs="?", metavar="STORAGE_URL")
     uninstall.add_argument("--from-config", metavar="FILE.toml")
+    for name, what in (
+        ("prune", "end trials as PRUNED (or relabel finished ones), as a PRUNE note would"),
+        ("fail", "end trials as FAIL (or relabel finished ones), as a FAIL note would"),
+        ("undo", "take PRUNE/FAIL out of trials' notes, as the Undo button does"),
+    ):
+        act = sub.add_parser(
+            name, help=what,
+            description=f"{what[0].upper()}{what[1:]}: each trial's note gets its next version "
+            "and the server's own rules apply (allow-list, audit, undo, dry run). Exit code 0: "
+            "every trial applied, requested or already so; 1: some trial refused or failed; "
+            "2: bad usage, unknown study or trial, configuration error (nothing changed).",
+        )
+        _add_act_arguments(act, reason=name != "undo")
     hash_password = sub.add_parser(
         "hash-password",
         help="hash a password for --basic-auth-file",
@@ -60,6 +81,47 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that "not given" falls through to the environment and the file.
     p.add_argument("storage_url", nargs="?", metavar="STORAGE_URL",
                    help="e.g. sqlite:///optuna.db, postgresql://user@host/db, or a journal file")
+    _add_db_arguments(p)
+    mon = p.add_argument_group("Monitor configuration")
+    _add_serve_arguments(p, mon)
+
+
+def _add_act_arguments(p: argparse.ArgumentParser, *, reason: bool) -> None:
+    p.add_argument("storage_url", nargs="?", metavar="STORAGE_URL",
+                   help="e.g. sqlite:///optuna.db, postgresql://user@host/db, or a journal file")
+    what = p.add_argument_group("What to change")
+    what.add_argument("--study", dest="study_name", required=True, metavar="NAME",
+                      help="the study's name")
+    what.add_argument("--trials", nargs="+", required=True, metavar="N",
+                      help="trial numbers as the dashboard shows them, or ranges like 7-9")
+    if reason:
+        what.add_argument("--reason", metavar="TEXT",
+                          help="a line of text written into the note before the command word")
+    what.add_argument("--user", metavar="NAME",
+                      help="who acts: recorded in the audit, checked against --allowed-users")
+    what.add_argument("--json", action="store_true", help="print the results as JSON")
+    what.add_argument("--dry-run", action="store_true", default=None,
+                      help="say what would change, change nothing (no note is saved)")
+    _add_db_arguments(p)
+    rules = p.add_argument_group("The server's rules (same settings and HITL_* as serve)")
+    rules.add_argument("--allowed-users", metavar="USERS",
+                       help="only these users may act, comma-separated (default: everyone)")
+    rules.add_argument("--grace", type=float,
+                       help="seconds a cooperative worker has to end its trial (default: 3 x "
+                       "--interval)")
+    rules.add_argument("--interval", type=float, help="the server's sweep interval")
+    rules.add_argument("--prune-pattern", help="regex of a PRUNE command")
+    rules.add_argument("--fail-pattern", help="regex of a FAIL command")
+    scope = rules.add_mutually_exclusive_group()
+    scope.add_argument("--all-trials", action="store_true", default=None,
+                       help="also relabel COMPLETE trials (the default)")
+    scope.add_argument("--active-only", action="store_true", default=None,
+                       help="only end RUNNING/WAITING trials; never relabel finished ones")
+    rules.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    rules.add_argument("--verbose", action="store_true", default=None, help="debug logging")
+
+
+def _add_db_arguments(p: argparse.ArgumentParser) -> None:
     db = p.add_argument_group("Database connection")
     db.add_argument("--db-url", help="database URL for Optuna storage (same as STORAGE_URL)")
     db.add_argument("--db-host", help="database hostname (default: localhost)")
@@ -75,7 +137,9 @@ def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
                     help="use --cert-path and verify the server (overrides --no-cert)")
     db.add_argument("--no-cert", action="store_true", default=None,
                     help="no certificate, not even ./cert/ca.pem found by default detection")
-    mon = p.add_argument_group("Monitor configuration")
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser, mon: argparse._ArgumentGroup) -> None:
     mon.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     mon.add_argument("--public", action="store_true", default=None,
                      help="listen on a --host that is not loopback, without nginx in front, "
@@ -177,10 +241,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.verbose)
         if args.command == "uninstall":
             return _uninstall(settings)
+        if args.command in ("prune", "fail", "undo"):
+            return _act(args, settings)
         return _serve(settings, demo=bool(args.demo))
     except ConfigError as exc:
         print(f"hitl-pruner: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _act(args: argparse.Namespace, settings: Settings) -> int:
+    """prune, fail or undo: translate the command line and print one result per trial."""
+    from .commands import Command
+    from .script import run
+
+    if not settings.verbose:
+        # The results are the output; the applier's INFO lines would repeat them.
+        logging.getLogger("hitl_pruner").setLevel(logging.WARNING)
+    options = {
+        field.name: getattr(settings, field.name)
+        for field in dataclasses.fields(settings)
+        if field.name not in ("storage_url", "dry_run")
+    }
+    results = run(
+        settings.storage_url, args.study_name, args.trials,
+        None if args.command == "undo" else Command(args.command.upper()),
+        reason=getattr(args, "reason", None), user=args.user, dry_run=settings.dry_run,
+        **options,
+    )
+    if args.json:
+        print(json.dumps({
+            "command": args.command, "study": args.study_name, "dry_run": settings.dry_run,
+            "results": [r.to_json() for r in results],
+        }))
+    else:
+        for result in results:
+            print(result.line())
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _hash_password(user: str) -> int:
