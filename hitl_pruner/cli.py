@@ -215,6 +215,15 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[s
         )
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     cli = {k: getattr(args, k, None) for k in SETTINGS_KEYS}
+    urls = [t for t in getattr(args, "trials", None) or () if "://" in t]
+    if urls:
+        # `--trials 3 5 STORAGE_URL`: as with --study below, a URL is no trial number.
+        if cli.get("storage_url") is not None or len(urls) > 1:
+            parser.error(f"--trials: {urls[0]!r} is a storage URL, not a trial number")
+        cli["storage_url"] = urls[0]
+        args.trials = [t for t in args.trials if "://" not in t]
+        if not args.trials:
+            parser.error("--trials needs at least one trial number")
     studies = cli.get("study")
     if studies == []:
         parser.error("--study needs at least one study name")

@@ -244,3 +244,38 @@ def test_on_a_journal_a_running_trial_is_pruned_and_a_finished_one_refused_with_
     fresh = JournalStorage(JournalFileBackend(path))
     assert [t.state for t in fresh.get_all_trials(study._study_id)] == [S.COMPLETE, S.PRUNED]
     assert running.number == 1
+
+
+def test_a_storage_url_after_the_trial_numbers_is_the_storage_url(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_study(sqlite_url)
+    assert cli.main(["prune", "--study", "s", "--trials", "0", "1", sqlite_url]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert [r.trial_number for r in audit_rows(sqlite_url)] == [0, 1]
+
+
+def test_a_note_saved_but_not_applied_is_not_applied_later_by_a_sweep_for_a_refused_user(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Regression: the refusal is remembered before the note is saved (as the note-save does),
+    so when the script's own apply fails, the sweep of a server with the same allow-list still
+    does not apply the note of a user outside it."""
+    study, ids = make_study(storage_url)
+    n = numbers(storage_url, ids)
+    app = app_for(storage_url, allowed_users=("bob",))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(hitl_pruner.applier.Applier, "apply", broken)
+    code = cli.main(["prune", storage_url, "--study", "s", "--trials", str(n["running"]),
+                     "--allowed-users", "bob", "--user", "mallory"])
+    assert code == 1
+    assert "error: saved; a running server applies it (connection lost)" in (
+        capsys.readouterr().out)
+    monkeypatch.undo()
+    assert note(study, ids["running"])["body"] == "PRUNE"
+    app.sweeper.run_once()
+    assert state(storage_url, ids["running"]) is S.RUNNING
+    assert audit_rows(storage_url) == []
