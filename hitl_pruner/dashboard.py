@@ -13,10 +13,12 @@ from optuna.storages import BaseStorage
 import optuna_dashboard
 
 # The keys of a trial's note in the study's system attrs.
-from optuna_dashboard._note import get_note_from_system_attrs
 from optuna_dashboard._note import note_str_key_prefix
 from optuna_dashboard._note import note_ver_key
-from optuna_dashboard._note import split_body
+
+# How its note API saves a note: the version check, then version and text chunks.
+from optuna_dashboard._note import save_note_with_version
+from optuna_dashboard._note import version_is_incremented
 
 __all__ = ["create", "forget_study", "note_str_key_prefix", "note_ver_key", "save_note"]
 
@@ -39,17 +41,7 @@ def forget_study(app: Any, study_id: int) -> None:
 def save_note(storage: BaseStorage, study_id: int, trial_id: int, version: int, body: str) -> bool:
     """Save a trial's note as the dashboard's note API does (PUT .../note): only as the stored
     version + 1; False, saving nothing, when the note has another version by now (its 409)."""
-    attrs = storage.get_study_system_attrs(study_id)
-    if int(get_note_from_system_attrs(attrs, trial_id)["version"]) + 1 != version:
+    if not version_is_incremented(storage.get_study_system_attrs(study_id), trial_id, version):
         return False
-    # As _note.save_note_with_version, with the attributes read once, not twice: a script that
-    # saves many notes reads all the study's notes once per save.
-    storage.set_study_system_attr(study_id, note_ver_key(trial_id), version)
-    chunks = split_body(body, trial_id)
-    for key, value in chunks.items():
-        storage.set_study_system_attr(study_id, key, value)
-    prefix = note_str_key_prefix(trial_id)
-    stored = sum(1 for key in attrs if key.startswith(prefix))
-    for i in range(len(chunks), stored):  # a shorter note: blank the old tail, as it does
-        storage.set_study_system_attr(study_id, f"{prefix}{i}", "")
+    save_note_with_version(storage, study_id, trial_id, version, body)
     return True

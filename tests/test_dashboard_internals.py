@@ -33,6 +33,22 @@ def test_note_saves_need_the_stored_version_plus_one(sqlite_url: str) -> None:
     assert call(app, "PUT", path, {"version": 2, "body": "b"}).status == 204
 
 
+def test_a_script_saves_a_note_as_the_dashboards_note_api_does(sqlite_url: str) -> None:
+    """dashboard.save_note (prune/fail/undo from a script) uses the dashboard's own
+    version_is_incremented and save_note_with_version: the dashboard reads what it wrote."""
+    storage = RDBStorage(sqlite_url)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    sid, tid = study._study_id, trial._trial_id
+    assert dashboard.save_note(storage, sid, tid, 1, "y" * 2045 + "FAIL")
+    assert not dashboard.save_note(storage, sid, tid, 1, "stale")
+    assert dashboard.save_note(storage, sid, tid, 2, "short")
+    app = optuna_dashboard.wsgi(storage)
+    detail = call(app, "GET", f"/api/studies/{sid}").json()
+    [shown] = [t["note"] for t in detail["trials"] if t["trial_id"] == tid]
+    assert shown == {"version": 2, "body": "short"}
+
+
 def test_the_dashboard_caches_trials_per_study_until_we_forget_them(sqlite_url: str) -> None:
     storage = RDBStorage(sqlite_url)
     study = optuna.create_study(storage=storage)
