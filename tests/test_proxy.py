@@ -351,9 +351,12 @@ def test_prune_in_chromium_under_a_prefix(
         page.goto(f"{proxy.base}{PREFIX}/dashboard/studies/{sid}/trials")
         open_trial(page, 3, ids[3])
         page.locator(".hitl-bar a", has_text="Human actions").click()
-        page.wait_for_url(f"**{PREFIX}/hitl/actions")
+        page.wait_for_url(f"**{PREFIX}/hitl/actions?study={sid}")
         rows = page.locator("#hitl-actions tr")
         rows.first.wait_for()
+        # Back to the study, under the prefix.
+        back = page.locator("#hitl-dashboard-link").get_attribute("href")
+        assert back == f"{PREFIX}/dashboard/studies/{sid}", back
         assert "RUNNING \u2192 PRUNED" in rows.first.inner_text()
         rows.first.locator("a", has_text="Trial 2").click()
         page.wait_for_url(f"**{PREFIX}/dashboard/studies/{sid}/trials**")
