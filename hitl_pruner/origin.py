@@ -54,12 +54,13 @@ from typing import Any
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from .routes import SAFE_METHODS
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
     from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SAME_ORIGIN_SITES = frozenset({"same-origin", "none"})
 JSON_TYPE = "application/json"
 FRAME_OPTIONS = ("X-Frame-Options", "SAMEORIGIN")
