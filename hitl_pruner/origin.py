@@ -248,20 +248,25 @@ def _unframeable(start_response: StartResponse) -> StartResponse:
 
 
 def _with_frame_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    framed = policy = None
+    for i, (name, _) in enumerate(headers):
+        lower = name.lower()
+        if lower == "x-frame-options":
+            framed = i
+        elif lower == "content-security-policy" and policy is None:
+            policy = i
     headers = list(headers)
-    names = [name.lower() for name, _ in headers]
-    if "x-frame-options" not in names:
+    if framed is None:
         headers.append(FRAME_OPTIONS)
-    policies = [i for i, name in enumerate(names) if name == "content-security-policy"]
-    if not policies:
+    if policy is None:
         headers.append(("Content-Security-Policy", FRAME_ANCESTORS))
-    elif not any(_names_frame_ancestors(headers[i][1]) for i in policies):
+    elif not any(_names_frame_ancestors(value) for name, value in headers
+                 if name.lower() == "content-security-policy"):
         # One policy, made stricter; a second header would be enforced too, but reads as a
         # conflict to whoever debugs the page.
-        first = policies[0]
-        name, value = headers[first]
+        name, value = headers[policy]
         value = value.strip().rstrip(";").strip()
-        headers[first] = (name, f"{value}; {FRAME_ANCESTORS}" if value else FRAME_ANCESTORS)
+        headers[policy] = (name, f"{value}; {FRAME_ANCESTORS}" if value else FRAME_ANCESTORS)
     return headers
 
 

@@ -48,6 +48,9 @@ FORWARDED = (
     "HTTP_X_FORWARDED_PREFIX",
 )
 ORIG_KEY = "hitl_pruner.proxy.orig"
+# Verdicts on client addresses, kept per middleware: parsing an address with ipaddress costs
+# more than the rest of our request path together, and a server sees few distinct peers.
+VERDICTS_KEPT = 4096
 PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 
 
@@ -76,6 +79,7 @@ class ProxyMiddleware:
         self._trusted: tuple[Network, ...] = tuple(
             ipaddress.ip_network(t, strict=False) for t in trusted if t != "*"
         )
+        self._verdicts: dict[str, bool] = {}
         root = clean_prefix(root_path)
         if root is None:
             raise ValueError(f"root_path {root_path!r} is not a path like /optuna")
@@ -112,6 +116,14 @@ class ProxyMiddleware:
         return self.application(environ, start_response)
 
     def _is_trusted(self, address: str) -> bool:
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()  # many peers (a scan, or no proxy): start over
+            verdict = self._verdicts[address] = self._judge(address)
+        return verdict
+
+    def _judge(self, address: str) -> bool:
         if self._trust_all:
             return True
         try:

@@ -131,3 +131,15 @@ def test_the_dashboard_under_a_root_path(sqlite_url: str) -> None:
     # Without a prefix, the dashboard's own bundle and redirect.
     plain = ProxyMiddleware(app_for(sqlite_url))
     assert b'src="/static/bundle.js"' in call(plain, "GET", "/dashboard").body
+
+
+def test_one_middleware_judges_each_peer_on_its_own() -> None:
+    """The remembered verdict on a trusted proxy never lets another peer's X-Forwarded-* in."""
+    seen: list[dict[str, object]] = []
+    middleware = ProxyMiddleware(lambda environ, start: seen.append(environ) or [],
+                                 trusted=("10.0.0.1",))
+    forwarded = {"HTTP_X_FORWARDED_PREFIX": "/optuna", "PATH_INFO": "/optuna/api/meta"}
+    for peer in ("10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"):
+        middleware({"REMOTE_ADDR": peer, **forwarded}, lambda *a: None)
+    assert [e["SCRIPT_NAME"] for e in seen] == ["/optuna", "", "/optuna", ""]
+    assert ["HTTP_X_FORWARDED_PREFIX" in e for e in seen] == [True, False, True, False]
