@@ -7,6 +7,7 @@ when an upgrade moves one of these.
 from __future__ import annotations
 
 from typing import Any
+from typing import Iterable
 
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage
@@ -20,7 +21,9 @@ from optuna_dashboard._note import note_ver_key
 from optuna_dashboard._note import save_note_with_version
 from optuna_dashboard._note import version_is_incremented
 
-__all__ = ["create", "forget_study", "note_str_key_prefix", "note_ver_key", "save_note"]
+__all__ = [
+    "create", "forget_study", "note_str_key_prefix", "note_ver_key", "refresh_trials", "save_note",
+]
 
 
 def create(storage: BaseStorage, artifact_dir: str | None) -> Any:
@@ -36,6 +39,36 @@ def forget_study(app: Any, study_id: int) -> None:
         cache._trials_last_fetched_at.pop(study_id, None)
     with cache._cached_extra_study_property_cache_lock:
         cache._cached_extra_study_property_cache.pop(study_id, None)
+
+
+def refresh_trials(app: Any, storage: BaseStorage, study_id: int, trial_ids: Iterable[int], *,
+                   search_space: bool) -> None:
+    """Put fresh copies of these trials into the dashboard's cached list of the study's trials.
+
+    Reading one trial is cheap; forgetting the study makes the dashboard read all its trials
+    again, and on a study of 10k trials that costs seconds of CPU in every serving process.
+    The cache's age is kept, so the dashboard refreshes as often as it would have.
+
+    ``search_space``: the change can alter the study's search space and user attrs as the
+    dashboard sums them up (a trial entered or left FAIL, whose params it leaves out). That sum
+    only grows, so it is dropped and built again on the next read.
+    """
+    cache = app._inmemory_cache
+    with cache._trials_cache_lock:
+        cached = cache._trials_cache.get(study_id)
+    if cached is not None:
+        fresh = {trial_id: storage.get_trial(trial_id) for trial_id in set(trial_ids)}
+        with cache._trials_cache_lock:
+            if cache._trials_cache.get(study_id) is cached:
+                # A new list: a request thread may be reading the old one.
+                cache._trials_cache[study_id] = [fresh.get(t._trial_id, t) for t in cached]
+            else:
+                # Read again meanwhile, maybe before our change: let the next read be fresh.
+                cache._trials_cache.pop(study_id, None)
+                cache._trials_last_fetched_at.pop(study_id, None)
+    if search_space:
+        with cache._cached_extra_study_property_cache_lock:
+            cache._cached_extra_study_property_cache.pop(study_id, None)
 
 
 def save_note(storage: BaseStorage, study_id: int, trial_id: int, version: int, body: str) -> bool:

@@ -67,6 +67,34 @@ def test_the_dashboard_caches_trials_per_study_until_we_forget_them(sqlite_url: 
     assert call(app, "GET", path).json()["trials"][0]["state"] == "Complete"
 
 
+def test_we_refresh_changed_trials_in_the_dashboards_cache_without_reading_the_rest(
+    sqlite_url: str,
+) -> None:
+    storage = RDBStorage(sqlite_url)
+    study = optuna.create_study(storage=storage)
+    for _ in range(3):
+        study.tell(study.ask(), 1.0)
+    running = study.ask()
+    app = dashboard.create(storage, None)
+    sid, path = study._study_id, f"/api/studies/{study._study_id}"
+    assert [t["state"] for t in call(app, "GET", path).json()["trials"]] == ["Complete"] * 3 + [
+        "Running"
+    ]
+    cached = app._inmemory_cache._trials_cache[sid]
+    fetched_at = app._inmemory_cache._trials_last_fetched_at[sid]
+    study.tell(running, state=optuna.trial.TrialState.PRUNED)
+    dashboard.refresh_trials(app, storage, sid, [running._trial_id], search_space=False)
+    # The untouched trials are the very objects read before, and the cache keeps its age...
+    refreshed = app._inmemory_cache._trials_cache[sid]
+    assert all(a is b for a, b in zip(refreshed[:3], cached[:3]))
+    assert app._inmemory_cache._trials_last_fetched_at[sid] == fetched_at
+    assert sid in app._inmemory_cache._cached_extra_study_property_cache
+    # ...while the changed trial shows its new state at once.
+    assert call(app, "GET", path).json()["trials"][3]["state"] == "Pruned"
+    dashboard.refresh_trials(app, storage, sid, [running._trial_id], search_space=True)
+    assert sid not in app._inmemory_cache._cached_extra_study_property_cache
+
+
 def test_the_dashboard_takes_an_artifact_store(tmp_path: object, sqlite_url: str) -> None:
     app = dashboard.create(RDBStorage(sqlite_url), str(tmp_path))
     assert call(app, "GET", "/api/meta").json()["artifact_is_available"] is True
