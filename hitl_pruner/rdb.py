@@ -142,6 +142,12 @@ def _mysql_clock(element: db_clock, compiler: sa.sql.compiler.SQLCompiler, **kw:
 
 
 TRIGGER = "hitl_note_changed"
+FAIL_TRIGGER = "hitl_fail_on_request"
+# The trigger's NOTIFY channel on PostgreSQL (wake.py listens).
+NOTIFY_CHANNEL = "hitl_note_changed"
+# SQLite: a second trigger counts the note writes in this hitl_meta row (wake.py reads it).
+COUNTER_TRIGGER = "hitl_note_counted"
+NOTE_WRITES = "note_writes"
 # A LIKE pattern for trial note keys; it does not match the study's own note ("dashboard:note_*").
 NOTE_LIKE = "dashboard:%:note_%"
 # Most notes fit in a few chunks of 2045 characters; longer ones take another round trip.
@@ -154,6 +160,29 @@ ATTEMPTS = 5
 
 class InstallError(RuntimeError):
     """The database refused what hitl-pruner needs (tables, triggers)."""
+
+
+# The PostgreSQL trigger functions' bodies. A body changed in a new version replaces the one an
+# older version installed (install() compares them), so existing databases are upgraded too.
+PG_FUNCTIONS = {
+    # Queue the write, and wake the sweeping process, which LISTENs (wake.py). NOTIFY is sent at
+    # commit, so the sweep reads a queue row that is there.
+    TRIGGER: (
+        "BEGIN INSERT INTO hitl_note_changes (study_id, attr_key) VALUES (NEW.study_id, NEW.key); "
+        f"PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.study_id::text); RETURN NULL; END"
+    ),
+    FAIL_TRIGGER: (
+        "BEGIN IF EXISTS (SELECT 1 FROM hitl_requests r WHERE r.trial_id = NEW.trial_id "
+        "AND r.target = 'FAIL') THEN NEW.state := 'FAIL'; END IF; RETURN NEW; END"
+    ),
+}
+
+
+def _pg_function(name: str) -> str:
+    return (
+        f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger AS $$ {PG_FUNCTIONS[name]} $$ "
+        "LANGUAGE plpgsql"
+    )
 
 
 def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
@@ -172,14 +201,26 @@ def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
                 ],
             )
             for event in ("INSERT", "UPDATE")
+        ] + [
+            # Counts the writes for the sweep's watch (wake.py): SQLite gives a deleted row's
+            # id to the next row, so the queue's ids cannot tell a new row from an old one.
+            (
+                f"{COUNTER_TRIGGER}_{event.lower()}",
+                [
+                    f"CREATE TRIGGER IF NOT EXISTS {COUNTER_TRIGGER}_{event.lower()} AFTER "
+                    f"{event} ON study_system_attributes WHEN NEW.key LIKE '{NOTE_LIKE}' "
+                    f"BEGIN UPDATE hitl_meta SET value = CAST(value AS INTEGER) + 1 "
+                    f"WHERE name = '{NOTE_WRITES}'; END"
+                ],
+            )
+            for event in ("INSERT", "UPDATE")
         ]
     if dialect == "postgresql":
         return [
             (
                 TRIGGER,
                 [
-                    f"CREATE OR REPLACE FUNCTION {TRIGGER}() RETURNS trigger AS $$ "
-                    f"BEGIN {insert.format(key='key')}; RETURN NULL; END $$ LANGUAGE plpgsql",
+                    _pg_function(TRIGGER),
                     f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE ON study_system_attributes "
                     f"FOR EACH ROW WHEN (NEW.key LIKE '{NOTE_LIKE}') "
                     f"EXECUTE PROCEDURE {TRIGGER}()",
@@ -201,8 +242,6 @@ def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
         ]
     raise InstallError(f"unsupported database dialect {dialect!r}")
 
-
-FAIL_TRIGGER = "hitl_fail_on_request"
 
 
 def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
@@ -228,9 +267,7 @@ def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
         ])]
     if dialect == "postgresql":
         return [(FAIL_TRIGGER, [
-            f"CREATE OR REPLACE FUNCTION {FAIL_TRIGGER}() RETURNS trigger AS $$ "
-            f"BEGIN IF {requested} THEN NEW.state := 'FAIL'; END IF; RETURN NEW; END $$ "
-            "LANGUAGE plpgsql",
+            _pg_function(FAIL_TRIGGER),
             f"CREATE TRIGGER {FAIL_TRIGGER} BEFORE UPDATE OF state ON trials FOR EACH ROW "
             "WHEN (OLD.state = 'RUNNING' AND NEW.state = 'PRUNED') "
             f"EXECUTE PROCEDURE {FAIL_TRIGGER}()",
@@ -242,6 +279,16 @@ def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
             "THEN SET NEW.state = 'FAIL'; END IF; END"
         ])]
     raise InstallError(f"unsupported database dialect {dialect!r}")
+
+
+def _pg_function_current(conn: sa.Connection, name: str) -> bool:
+    """Whether the function ``name`` has this version's body."""
+    source = conn.execute(
+        sa.text("SELECT prosrc FROM pg_proc WHERE proname = :n AND "
+                "pronamespace = current_schema()::regnamespace"),
+        {"n": name},
+    ).scalar()
+    return source is not None and source.strip() == PG_FUNCTIONS[name]
 
 
 def _trigger_exists(conn: sa.Connection, name: str) -> bool:
@@ -303,14 +350,22 @@ class SqlStore:
     def _install_triggers(self) -> None:
         with self._engine.begin() as conn:
             dialect = conn.dialect.name
+            # The raw cursor with no parameters: pyformat drivers would read LIKE's % as a
+            # placeholder.
+            cursor = conn.connection.cursor()
+            if dialect == "sqlite":
+                cursor.execute(
+                    f"INSERT OR IGNORE INTO hitl_meta (name, value) VALUES ('{NOTE_WRITES}', '0')"
+                )
             for name, statements in _trigger_ddl(dialect) + _fail_trigger_ddl(dialect):
-                if _trigger_exists(conn, name):
-                    continue
-                # The raw cursor with no parameters: pyformat drivers would read LIKE's % as a
-                # placeholder.
-                cursor = conn.connection.cursor()
-                for statement in statements:
-                    cursor.execute(statement)
+                if not _trigger_exists(conn, name):
+                    for statement in statements:
+                        cursor.execute(statement)
+            if dialect == "postgresql":
+                for name in PG_FUNCTIONS:
+                    if not _pg_function_current(conn, name):
+                        logger.info("upgrading the trigger function %s()", name)
+                        cursor.execute(_pg_function(name))
 
     def _bootstrap(self) -> None:
         """Queue every note written before the triggers existed, once per database."""

@@ -17,12 +17,15 @@ from .applier import Applier
 from .lock import SweepLock
 from .store import Change
 from .store import Store
+from .wake import Watch
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
 # After a bug (not an outage), wait longer each time, up to this, so as not to flood the log.
 MAX_BACKOFF = 300.0
+# The longest a watch blocks at a time, so that stop() is heard that soon.
+WATCH_SLICE = 0.25
 
 
 @dataclasses.dataclass
@@ -43,6 +46,11 @@ class Sweeper:
     looping, but only the holder sweeps; the others try to take the lock each interval. The
     lock is taken by the loop, not by ``run_once``, which stays callable directly.
 
+    Between rounds the holder waits on its ``watch`` (wake.py), when it has one: as soon as a
+    note is written it checks the lock and runs the queue part of a round (``run_queue``), so a
+    note written by a script is applied within a fraction of a second. The interval stays the
+    pace of the rest: settling requests to workers, the lock's hand-over, outage retries.
+
     While the database is unavailable (outage.py) the loop tries again every interval, first
     with ``ping``, and sweeps in the round the database answers again, so queued commands wait
     at most one interval after it is back. The outage is logged once by ``state``, not per round.
@@ -58,6 +66,7 @@ class Sweeper:
         lock: SweepLock | None = None,
         state: outage.DatabaseState | None = None,
         ping: Callable[[], object] | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.applier = applier
         self.store = store
@@ -65,6 +74,7 @@ class Sweeper:
         self.lock = lock
         self.state = state if state is not None else outage.DatabaseState()
         self.ping = ping
+        self.watch = watch
         self.last_run: float | None = None
         # When the loop last went round (swept, or tried for the lock), and its failures since.
         self.last_tick: float | None = None
@@ -75,6 +85,14 @@ class Sweeper:
         self._dry_run_said: set[tuple[int, int]] = set()
 
     def run_once(self) -> SweepStats:
+        """A whole round: the queue, then the open requests to workers."""
+        return self._run(settle=True)
+
+    def run_queue(self) -> SweepStats:
+        """The queue part of a round only: what a watch's wake runs."""
+        return self._run(settle=False)
+
+    def _run(self, *, settle: bool) -> SweepStats:
         started = time.perf_counter()
         stats = SweepStats()
         names = self.applier.studies
@@ -88,7 +106,8 @@ class Sweeper:
             self.store.ack(done)
             if len(changes) < BATCH:
                 break
-        self._settle(study_ids, stats)
+        if settle:
+            self._settle(study_ids, stats)
         stats.seconds = time.perf_counter() - started
         self.last_run = time.time()
         if stats.changes or stats.settled:
@@ -186,23 +205,63 @@ class Sweeper:
     def _loop(self) -> None:
         delay = 0.0  # first sweep at once: it picks up notes saved while we were down
         try:
-            while not self._stop.wait(delay):
+            while not self._wait(delay):
                 try:
                     self._round()
                     self.failures = 0
                     delay = self.interval
                 except Exception as exc:
-                    self.failures += 1
-                    if outage.unavailable(exc):
-                        # An outage ends the sweep neither, nor slows it: the queue waits for
-                        # the database, and is applied in the round the database answers.
-                        self.state.failed(exc)
-                        delay = self.interval
-                    else:
-                        delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
-                        logger.exception("sweep failed; retrying in %.0f s", delay)
+                    delay = self._failed(exc, delay)
                 self.last_tick = time.time()
         finally:
+            if self.watch is not None:
+                self.watch.close()
             if self.lock is not None and self.lock.held:
                 self.lock.release()
                 logger.info("this process stopped running the sweep (pid %d)", os.getpid())
+
+    def _failed(self, exc: Exception, delay: float) -> float:
+        """Count and log a failed round; the pause before the next one."""
+        self.failures += 1
+        if outage.unavailable(exc):
+            # An outage ends the sweep neither, nor slows it: the queue waits for the
+            # database, and is applied in the round the database answers.
+            self.state.failed(exc)
+            return self.interval
+        delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
+        logger.exception("sweep failed; retrying in %.0f s", delay)
+        return delay
+
+    def _wait(self, delay: float) -> bool:
+        """Pause ``delay`` seconds before the next round; True once stopped.
+
+        The sweeping process watches meanwhile, and applies the queue at each wake. A process
+        that does not sweep, or whose last round failed, only waits: its next round is the
+        one that takes the lock or meets the outage.
+        """
+        watch = self.watch
+        if watch is None or self.failures or (self.lock is not None and not self.lock.held):
+            return self._stop.wait(delay)
+        until = time.monotonic() + delay
+        while not self._stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                if watch.wait(min(left, WATCH_SLICE)) and not self._stop.is_set():
+                    if not self._wake():
+                        return False  # the lock was lost: the next round sees to it now
+            except Exception as exc:
+                # As a failed round: an outage or a bug; the next round comes at the interval.
+                self._failed(exc, 0.0)
+                return self._stop.wait(max(0.0, until - time.monotonic()))
+        return True
+
+    def _wake(self) -> bool:
+        """A note was written: apply the queue now. False when the lock is no longer ours."""
+        lock = self.lock
+        if lock is not None and not lock.check():
+            logger.warning("this process no longer runs the sweep (pid %d)", os.getpid())
+            return False
+        self.run_queue()
+        return True
