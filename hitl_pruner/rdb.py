@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 from typing import Iterable
+from typing import Sequence
 
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -40,6 +41,7 @@ from .store import Change
 from .store import LostRace
 from .store import Note
 from .store import TrialRef
+from .transitions import ACTIVE
 from .transitions import LastChange
 from .transitions import Worker
 
@@ -462,10 +464,59 @@ class SqlStore:
                 raise LostRace()  # the request changed since we read it: leave it be
             conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
 
+    def transition_many(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        if not entries:
+            return []
+        now = _utcnow()
+        # One executemany per set of columns a change writes: a trial that ran gets its
+        # completion time (and a waiting one its start), as in transition().
+        by_kind: dict[TrialState | None, list[dict[str, object]]] = {}
+        for entry in entries:
+            kind = entry.from_state if entry.from_state in ACTIVE else None
+            by_kind.setdefault(kind, []).append(
+                {"b_trial": entry.trial_id, "b_from": entry.from_state, "b_to": entry.to_state}
+            )
+        state_type = trials_t.c.state.type
+        try:
+            with self._engine.begin() as conn:
+                written = 0
+                for kind, rows in by_kind.items():
+                    values: dict[str, object] = {"state": sa.bindparam("b_to", type_=state_type)}
+                    if kind is not None:
+                        values["datetime_complete"] = now
+                        if kind == TrialState.WAITING:
+                            values["datetime_start"] = now
+                    written += conn.execute(
+                        sa.update(trials_t)
+                        .where(trials_t.c.trial_id == sa.bindparam("b_trial"))
+                        .where(trials_t.c.state == sa.bindparam("b_from", type_=state_type))
+                        .values(**values),
+                        rows,
+                    ).rowcount
+                # The drivers sum an executemany's rows (pysqlite, psycopg2, PyMySQL).
+                if written != len(entries):
+                    raise LostRace()
+                # Their states are final now: a request still open for one is answered.
+                conn.execute(sa.delete(requests_t).where(
+                    requests_t.c.trial_id.in_(sorted(e.trial_id for e in entries))
+                ))
+                conn.execute(sa.insert(audit_t), [_audit_row(entry) for entry in entries])
+        except LostRace:
+            return list(entries)  # rolled back: the caller writes them one at a time
+        return []
+
     def worker(self, ref: TrialRef, *, alive_for: float = DEFAULT_ALIVE_FOR) -> Worker:
         """What we know of a RUNNING trial's worker: only evidence, see requests.evidence."""
-        trial_id, study_id = ref.trial_id, ref.study_id
+        return self.workers([ref], alive_for=alive_for).get(ref.trial_id, Worker(False))
+
+    def workers(self, refs: Iterable[TrialRef], *,
+                alive_for: float = DEFAULT_ALIVE_FOR) -> dict[int, Worker]:
+        ids = sorted({ref.trial_id for ref in refs})
+        if not ids:
+            return {}
+        trial_id = trials_t.c.trial_id
         query = sa.select(
+            trial_id,
             sa.exists().where(
                 trial_attrs_t.c.trial_id == trial_id, trial_attrs_t.c.key == COOPERATIVE_ATTR
             ),
@@ -474,18 +525,22 @@ class SqlStore:
             .where(requests_t.c.trial_id == trial_id)
             .scalar_subquery(),
             sa.select(db_clock() - sa.func.max(workers_t.c.seen_at))
-            .where(workers_t.c.study_id == study_id)
+            .where(workers_t.c.study_id == trials_t.c.study_id)
             .scalar_subquery(),
-        )
+        ).where(trial_id.in_(ids))
+        found: dict[int, Worker] = {}
         with self._engine.connect() as conn:
-            marked, reported, target, seen_ago = conn.execute(query).one()
-        why = evidence(
-            marked=bool(marked),
-            reported=bool(reported),
-            seen_ago=max(0.0, float(seen_ago)) if seen_ago is not None else None,
-            alive_for=alive_for,
-        )
-        return Worker(why is not None, TrialState[target] if target else None, why or "")
+            for tid, marked, reported, target, seen_ago in conn.execute(query):
+                why = evidence(
+                    marked=bool(marked),
+                    reported=bool(reported),
+                    seen_ago=max(0.0, float(seen_ago)) if seen_ago is not None else None,
+                    alive_for=alive_for,
+                )
+                found[tid] = Worker(
+                    why is not None, TrialState[target] if target else None, why or ""
+                )
+        return found
 
     def ask(self, request: Request, replaces: TrialState | None) -> None:
         try:

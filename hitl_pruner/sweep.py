@@ -16,7 +16,9 @@ from . import outage
 from .applier import Applier
 from .lock import SweepLock
 from .store import Change
+from .store import Note
 from .store import Store
+from .store import TrialRef
 from .wake import Watch
 
 logger = logging.getLogger(__name__)
@@ -124,21 +126,23 @@ class Sweeper:
                 stats.settled += 1
 
     def _apply(self, changes: list[Change], stats: SweepStats) -> list[Change]:
-        """Apply the current note of every trial named; return the changes that are settled."""
+        """Apply the current note of every trial named; return the changes that are settled.
+
+        In a few statements whatever the number of notes: the trials in one query, the notes
+        in one per study, and the applier's batch (``Applier.apply_many``).
+        """
         by_study: dict[int, set[int]] = collections.defaultdict(set)
         for change in changes:
             if change.trial_id >= 0:
                 by_study[change.study_id].add(change.trial_id)
-        unsettled: set[int] = set()
+        refs = self.store.trials({tid for ids in by_study.values() for tid in ids})
+        items: list[tuple[TrialRef, Note]] = []
         for study_id, trial_ids in by_study.items():
-            refs = self.store.trials(trial_ids)
             # A note filed under another study's id names a trial that is not this study's.
-            refs = {tid: ref for tid, ref in refs.items() if ref.study_id == study_id}
-            notes = self.store.notes(study_id, refs)
-            history = self.store.last_changes(
-                tid for tid, ref in refs.items() if self.applier.needs_history(ref)
-            )
-            for tid, ref in refs.items():
+            mine = {tid: refs[tid] for tid in trial_ids
+                    if tid in refs and refs[tid].study_id == study_id}
+            notes = self.store.notes(study_id, mine) if mine else {}
+            for tid, ref in mine.items():
                 note = notes.get(tid)
                 if note is None:
                     continue
@@ -146,14 +150,14 @@ class Sweeper:
                     if (tid, note.version) in self._dry_run_said:
                         continue
                     self._dry_run_said.add((tid, note.version))
-                outcome = self.applier.apply(
-                    ref, note, source="sweep", last_change=history.get(tid)
-                )
-                stats.trials += 1
-                if outcome.action == "applied":
-                    stats.applied += 1
-                elif outcome.action == "lost race":
-                    unsettled.add(tid)
+                items.append((ref, note))
+        unsettled: set[int] = set()
+        for (ref, _), outcome in zip(items, self.applier.apply_many(items)):
+            stats.trials += 1
+            if outcome.action == "applied":
+                stats.applied += 1
+            elif outcome.action == "lost race":
+                unsettled.add(ref.trial_id)
         return [c for c in changes if c.trial_id not in unsettled]
 
     def start(self) -> None:
