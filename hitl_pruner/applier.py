@@ -399,8 +399,8 @@ class Applier:
     def _write_many(self, changes: list[_Change]) -> dict[int, Outcome]:
         """Force the changes decided on in one transaction; those it could not write (a trial
         changed under us) one at a time, each decided again if it lost."""
-        if not changes:
-            return {}
+        if len(changes) < 2:  # a batch of one is the single write, statement for statement
+            return {change.ref.trial_id: self._write(change, retry=True) for change in changes}
         lost = {entry.trial_id for entry in self.store.transition_many(
             [change.entry for change in changes]
         )}

@@ -152,7 +152,10 @@ COUNTER_TRIGGER = "hitl_note_counted"
 NOTE_WRITES = "note_writes"
 # A LIKE pattern for trial note keys; it does not match the study's own note ("dashboard:note_*").
 NOTE_LIKE = "dashboard:%:note_%"
-# Most notes fit in a few chunks of 2045 characters; longer ones take another round trip.
+# Most notes fit in one chunk of 2045 characters: the first query asks for two (so that only a
+# longer note costs another round trip, for more at a time), and no more, as every key asked
+# for is a bound parameter (a sweep of 1,000 notes asks for 3,000 keys).
+FIRST_CHUNKS = 2
 CHUNKS_PER_QUERY = 8
 
 
@@ -471,8 +474,14 @@ class SqlStore:
         # One executemany per set of columns a change writes: a trial that ran gets its
         # completion time (and a waiting one its start), as in transition().
         by_kind: dict[TrialState | None, list[dict[str, object]]] = {}
-        for entry in entries:
-            kind = entry.from_state if entry.from_state in ACTIVE else None
+        # In the order of the trials' ids, so that two servers writing batches at once lock the
+        # rows in one order: the second waits for the first, and finds its trials changed.
+        for kind, entry in sorted(
+            ((e.from_state if e.from_state in ACTIVE else None, e) for e in entries),
+            key=lambda pair: (
+                0 if pair[0] is None else ACTIVE.index(pair[0]) + 1, pair[1].trial_id
+            ),
+        ):
             by_kind.setdefault(kind, []).append(
                 {"b_trial": entry.trial_id, "b_from": entry.from_state, "b_to": entry.to_state}
             )
@@ -503,6 +512,14 @@ class SqlStore:
                 conn.execute(sa.insert(audit_t), [_audit_row(entry) for entry in entries])
         except LostRace:
             return list(entries)  # rolled back: the caller writes them one at a time
+        except sa.exc.DBAPIError as exc:
+            if not _conflict(exc):
+                raise
+            # The database chose this transaction as a deadlock's victim and rolled it back
+            # (rows of the batch were being written by someone else): one at a time, then.
+            logger.info("a batch of %d state changes met a concurrent writer (%s)",
+                        len(entries), exc.orig)
+            return list(entries)
         return []
 
     def worker(self, ref: TrialRef, *, alive_for: float = DEFAULT_ALIVE_FOR) -> Worker:
@@ -633,13 +650,13 @@ class SqlStore:
         remaining = sorted(set(trial_ids))
         versions: dict[int, int] = {}
         chunks: dict[int, dict[int, str]] = {tid: {} for tid in remaining}
-        first = 0
+        first, count = 0, FIRST_CHUNKS
         with self._engine.connect() as conn:
             while remaining:
                 keys = [
                     f"{note_str_key_prefix(tid)}{i}"
                     for tid in remaining
-                    for i in range(first, first + CHUNKS_PER_QUERY)
+                    for i in range(first, first + count)
                 ]
                 if first == 0:
                     keys += [note_ver_key(tid) for tid in remaining]
@@ -654,7 +671,7 @@ class SqlStore:
                         versions[tid] = int(json.loads(value_json))
                     else:
                         chunks[tid][int(key.rsplit(":", 1)[1])] = json.loads(value_json)
-                first += CHUNKS_PER_QUERY
+                first, count = first + count, CHUNKS_PER_QUERY
                 remaining = [tid for tid in remaining if len(chunks[tid]) == first]
         return {
             tid: Note(version, "".join(chunks[tid][i] for i in range(len(chunks[tid]))))
@@ -715,6 +732,24 @@ class SqlStore:
         query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)
         with self._engine.connect() as conn:
             return [_audit_entry(row) for row in conn.execute(query)]
+
+
+# Errors after which the database has rolled the transaction back, and the same writes may be
+# tried again: PostgreSQL's deadlock and serialization failure, MySQL's deadlock and lock wait
+# timeout.
+PG_CONFLICTS = ("40P01", "40001")
+MYSQL_CONFLICTS = (1213, 1205)
+
+
+def _conflict(exc: sa.exc.DBAPIError) -> bool:
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return code in PG_CONFLICTS
+    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+    return type(orig).__module__.startswith("pymysql") and bool(args) and (
+        args[0] in MYSQL_CONFLICTS
+    )
 
 
 def _audit_row(entry: AuditEntry) -> dict[str, object]:

@@ -9,13 +9,18 @@ import threading
 from typing import Any
 
 from helpers import app_for
+from helpers import make_study
+from helpers import rows
+from helpers import save
 import optuna
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
+from optuna_dashboard import save_note
 import sqlalchemy as sa
 
 from hitl_pruner.audit import AuditEntry
+from hitl_pruner.middleware import HitlMiddleware
 
 trials_t: sa.Table = models.TrialModel.__table__  # type: ignore[assignment]
 values_t: sa.Table = models.TrialValueModel.__table__  # type: ignore[assignment]
@@ -207,3 +212,81 @@ def test_two_servers_sweeping_at_once_apply_each_note_exactly_once(storage_url: 
     assert {tid: len(audit[tid]) for tid in notes} == {tid: 1 for tid in notes}
     assert set(states(storage_url, running).values()) == {"FAIL"}
     assert set(states(storage_url, complete).values()) == {"PRUNED"}
+
+
+def test_a_batch_reads_notes_of_every_length(storage_url: str) -> None:
+    """Short notes come in the first query; a note of many chunks (its command at the end)
+    and one shrunk to a shorter version (its old chunks blanked) are read whole."""
+    study_id, running, _ = bulk_study(storage_url, 4, 0)
+    app = app_for(storage_url)
+    app.sweeper.run_once()
+    storage = RDBStorage(storage_url)
+    study = optuna.load_study(study_name="batch", storage=storage)
+    bodies = {
+        running[0]: "PRUNE",
+        running[1]: "x" * 2044 + " PRUNE",
+        running[2]: "y" * (12 * 2045) + " FAIL",
+        running[3]: "z" * (3 * 2045),
+    }
+    for tid, body in bodies.items():
+        save_note(optuna.Trial(study, tid), body)
+    save_note(optuna.Trial(study, running[3]), "FAIL")  # chunks 1 and 2 blanked
+    assert app.sweeper.run_once().applied == 4
+    assert states(storage_url, running) == {
+        running[0]: "PRUNED", running[1]: "PRUNED", running[2]: "FAIL", running[3]: "FAIL",
+    }
+    storage.engine.dispose()
+
+
+def test_a_note_save_racing_a_held_batch_is_applied_once_under_the_saves_name(
+    storage_url: str,
+) -> None:
+    """Another server's sweep reads two notes and decides, then stops before its batch write;
+    meanwhile our note-save of one of them applies it. The batch then writes nothing, the
+    other trial is applied by the sweep and the saved one is decided again (nothing to do):
+    one audit row each, the saved one under the save's source and user."""
+    study, ids = make_study(storage_url)
+    sid, saved, scripted = study._study_id, ids["running"], ids["running2"]
+    app, other = app_for(storage_url), app_for(storage_url)
+    app.sweeper.run_once()
+    save_note(optuna.Trial(study, scripted), "PRUNE")
+    decided, go = threading.Event(), threading.Event()
+    real = other.store.transition_many
+
+    def held(entries: list[AuditEntry]) -> list[AuditEntry]:
+        decided.set()
+        assert go.wait(30)
+        return real(entries)
+
+    other.store.transition_many = held
+    middleware = hitl(app)
+    dashboard = middleware.app
+    sweep = threading.Thread(target=other.sweeper.run_once)
+
+    def then_the_other_sweep_decides(environ: dict[str, Any], start_response: Any) -> Any:
+        body = list(dashboard(environ, start_response))
+        if environ["REQUEST_METHOD"] == "PUT" and not sweep.is_alive():
+            sweep.start()
+            assert decided.wait(30), "the other sweep never reached its write"
+        return body
+
+    middleware.app = then_the_other_sweep_decides
+    reply = save(app, sid, saved, 1, "PRUNE", environ={"REMOTE_USER": "alice"})
+    go.set()
+    sweep.join(30)
+    assert reply.status == 204 and reply.outcome["action"] == "applied", reply.outcome
+    found = [
+        (r.trial_id, r.from_state, r.to_state, r.source, r.user_name)
+        for r in rows(storage_url, "SELECT * FROM hitl_audit ORDER BY trial_id")
+    ]
+    assert found == sorted([
+        (saved, "RUNNING", "PRUNED", "note-save", "alice"),
+        (scripted, "RUNNING", "PRUNED", "sweep", None),
+    ])
+
+
+def hitl(app: Any) -> HitlMiddleware:
+    layer = app
+    while not isinstance(layer, HitlMiddleware):
+        layer = vars(layer)["application"]
+    return layer
