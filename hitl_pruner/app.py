@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from . import dashboard
 from . import lock
+from . import wake
 from .applier import Applier
 from .auth import AuthMiddleware
 from .auth import Refusals
@@ -164,14 +165,18 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     if isinstance(storage, RDBStorage):
         sweep_lock = lock.for_engine(storage.engine)
         ping = _pinger(storage.engine)
+        # The lock holder learns of a note written any other way within a fraction of a second.
+        watch = wake.for_engine(storage.engine, sweep_lock)
     else:
         sweep_lock = lock.for_journal(settings.storage_url)
         ping = storage.get_all_studies
+        watch = None  # a journal has no queue to watch: its sweep keeps the interval
     # One sweep at a time across processes and servers on this database (lock.py).
     # This process's view of the database: an outage is logged once when it starts and ends.
     state = DatabaseState()
     sweeper = Sweeper(
-        applier, store, interval=settings.interval, lock=sweep_lock, state=state, ping=ping
+        applier, store, interval=settings.interval, lock=sweep_lock, state=state, ping=ping,
+        watch=watch,
     )
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage

@@ -7,7 +7,9 @@ import datetime
 import json
 import logging
 from typing import Callable
+from typing import Mapping
 from typing import Protocol
+from typing import Sequence
 
 from optuna.trial import TrialState
 
@@ -230,17 +232,63 @@ class Applier:
         """What a note carrying ``command`` would do to this trial now; nothing is changed."""
         return self._decide(ref, command, last_change, source=NOTE_SAVE)[0]
 
+    def apply_many(self, notes: Sequence[tuple[TrialRef, Note]]) -> list[Outcome]:
+        """``apply(ref, note, source=SWEEP)`` for each note, in a few statements: what the
+        sweep runs.
+
+        The same decisions as ``apply`` (allow-list, ``decide()``, audit rows, undo); only the
+        reading and the writing are batched. The facts ``decide()`` needs (our last change to
+        each trial, its worker) are read for all the trials at once, and the changes to force
+        are written in one transaction, each still a compare-and-set on the state read. When a
+        trial changed under us that transaction writes nothing, and each change is carried out
+        alone, as ``apply`` does: the trial that changed is decided again. Asking a worker
+        stays one trial at a time. Returns the outcomes in the order of ``notes``.
+        """
+        outcomes: dict[int, Outcome] = {}
+        todo: list[tuple[TrialRef, Note, Command | None]] = []
+        for ref, note in notes:
+            if self.monitors(ref.study_name):
+                todo.append((ref, note, self.parser.parse(note.body)))
+            else:
+                outcomes[ref.trial_id] = Outcome(
+                    "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
+                )
+        known = _Known(
+            history=self.store.last_changes(
+                ref.trial_id for ref, _, _ in todo if self.needs_history(ref)
+            ),
+            workers=self.store.workers(
+                [ref for ref, _, command in todo if _has_worker(ref, command)],
+                alive_for=worker_alive_for(self.grace),
+            ),
+        )
+        changes: list[_Change] = []
+        for ref, note, command in todo:
+            step = self._plan(
+                ref, command, note.version, source=SWEEP, user=None,
+                refusal=self._refusal(ref, note, SWEEP, None), known=known,
+            )
+            if isinstance(step, _Change):
+                changes.append(step)
+            else:
+                outcomes[ref.trial_id] = step
+        outcomes.update(self._write_many(changes))
+        return [outcomes[ref.trial_id] for ref, _ in notes]
+
     def _decide(
         self, ref: TrialRef, command: Command | None, last_change: LastChange | None, *,
-        source: str,
+        source: str, known: _Known | None = None,
     ) -> tuple[Decision, Worker | None]:
-        if last_change is None and self.needs_history(ref):
+        if known is not None:
+            last_change = known.history.get(ref.trial_id)
+        elif last_change is None and self.needs_history(ref):
             last_change = self.store.last_changes([ref.trial_id]).get(ref.trial_id)
         # Only a running trial has a worker to ask, and only a command needs one.
-        worker = (
-            self.store.worker(ref, alive_for=worker_alive_for(self.grace))
-            if command is not None and ref.state == TrialState.RUNNING else None
-        )
+        worker = None
+        if _has_worker(ref, command):
+            worker = known.workers.get(ref.trial_id) if known is not None else None
+            if worker is None:
+                worker = self.store.worker(ref, alive_for=worker_alive_for(self.grace))
         decision = decide(
             ref.state,
             command,
@@ -264,7 +312,25 @@ class Applier:
         retry: bool = True,
         refusal: str | None = None,
     ) -> Outcome:
-        decision, worker = self._decide(ref, command, last_change, source=source)
+        step = self._plan(ref, command, note_version, source=source, user=user,
+                          last_change=last_change, retry=retry, refusal=refusal)
+        return step if isinstance(step, Outcome) else self._write(step, retry=retry)
+
+    def _plan(
+        self,
+        ref: TrialRef,
+        command: Command | None,
+        note_version: int | None,
+        *,
+        source: str,
+        user: str | None,
+        last_change: LastChange | None = None,
+        retry: bool = True,
+        refusal: str | None = None,
+        known: _Known | None = None,
+    ) -> Outcome | _Change:
+        """Decide, and do all but forcing a state: the outcome, or the change to write."""
+        decision, worker = self._decide(ref, command, last_change, source=source, known=known)
         if decision.action is Action.NOOP:
             if refusal is None:
                 claimed = self._claim(ref, command, note_version, source=source, user=user)
@@ -319,13 +385,40 @@ class Applier:
                 "dry run", f"would change: {decision.reason}", ref.trial_id,
                 decision.source, decision.target,
             )
-        if not self._transition(entry):
+        return _Change(ref, command, entry, decision)
+
+    def _write(self, change: _Change, *, retry: bool) -> Outcome:
+        """Force one change decided on, as a compare-and-set."""
+        if not self._transition(change.entry):
             # Often the sweep (or another server) applied this very note a moment earlier.
-            return self._again(ref, command, note_version, source=source, user=user,
-                               retry=retry)
-        return Outcome(
-            decision.action.value, decision.reason, ref.trial_id, decision.source, decision.target
-        )
+            entry = change.entry
+            return self._again(change.ref, change.command, entry.note_version,
+                               source=entry.source, user=entry.user, retry=retry)
+        return change.outcome()
+
+    def _write_many(self, changes: list[_Change]) -> dict[int, Outcome]:
+        """Force the changes decided on in one transaction; those it could not write (a trial
+        changed under us) one at a time, each decided again if it lost."""
+        if len(changes) < 2:  # a batch of one is the single write, statement for statement
+            return {change.ref.trial_id: self._write(change, retry=True) for change in changes}
+        lost = {entry.trial_id for entry in self.store.transition_many(
+            [change.entry for change in changes]
+        )}
+        if lost:
+            logger.info("%d of %d trials changed while we acted; applying them one at a time",
+                        len(lost), len(changes))
+        outcomes: dict[int, Outcome] = {}
+        changed: set[int] = set()
+        for change in changes:
+            if change.ref.trial_id in lost:
+                outcomes[change.ref.trial_id] = self._write(change, retry=True)
+                continue
+            logger.info("changed %s", change.entry.describe())
+            changed.add(change.entry.study_id)
+            outcomes[change.ref.trial_id] = change.outcome()
+        for study_id in changed:  # once per study, however many of its trials changed
+            self._on_change(study_id)
+        return outcomes
 
     def _again(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
                source: str, user: str | None, retry: bool) -> Outcome:
@@ -510,3 +603,32 @@ class Applier:
 
 def _command_for(target: TrialState) -> Command:
     return Command.PRUNE if target == TrialState.PRUNED else Command.FAIL
+
+
+def _has_worker(ref: TrialRef, command: Command | None) -> bool:
+    """Whether deciding ``command`` needs to know the trial's worker (only a running one)."""
+    return command is not None and ref.state == TrialState.RUNNING
+
+
+@dataclasses.dataclass(frozen=True)
+class _Known:
+    """The facts decide() needs, read for many trials at once (Applier.apply_many)."""
+
+    # Our last change to each trial that needs one (Applier.needs_history); none: no row.
+    history: Mapping[int, LastChange]
+    workers: Mapping[int, Worker]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Change:
+    """A state to force, decided on and not yet written."""
+
+    ref: TrialRef
+    command: Command | None
+    entry: AuditEntry
+    decision: Decision
+
+    def outcome(self) -> Outcome:
+        decision = self.decision
+        return Outcome(decision.action.value, decision.reason, self.ref.trial_id,
+                       decision.source, decision.target)

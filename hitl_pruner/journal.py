@@ -17,6 +17,7 @@ import itertools
 import json
 from typing import Any
 from typing import Iterable
+from typing import Sequence
 
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
@@ -124,8 +125,21 @@ class ApiStore:
             entry.study_id, f"{AUDIT_PREFIX}{stamp}:{entry.trial_id}", entry.to_json()
         )
 
+    def transition_many(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        # No transactions here: one at a time, and those that lost go back to the caller.
+        lost = []
+        for entry in entries:
+            try:
+                self.transition(entry)
+            except LostRace:
+                lost.append(entry)
+        return lost
+
     def worker(self, ref: TrialRef, *, alive_for: float = 0.0) -> Worker:
         return Worker(cooperates=False)
+
+    def workers(self, refs: Iterable[TrialRef], *, alive_for: float = 0.0) -> dict[int, Worker]:
+        return {ref.trial_id: Worker(cooperates=False) for ref in refs}
 
     def handled(self, ref: TrialRef, note_version: int) -> None:
         pass  # no queue: the sweep compares notes, and applies a handled one to no effect

@@ -72,6 +72,12 @@ class _DbLock:
     def held(self) -> bool:
         return self._held
 
+    @property
+    def connection(self) -> sa.Connection | None:
+        """The connection that holds the lock, while held: the sweep's watch (wake.py) listens
+        or polls on it, so that losing it is noticed there too."""
+        return self._conn if self._held else None
+
     def _acquire_sql(self, conn: sa.Connection) -> bool:
         raise NotImplementedError
 

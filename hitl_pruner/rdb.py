@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 from typing import Iterable
+from typing import Sequence
 
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -40,6 +41,7 @@ from .store import Change
 from .store import LostRace
 from .store import Note
 from .store import TrialRef
+from .transitions import ACTIVE
 from .transitions import LastChange
 from .transitions import Worker
 
@@ -142,9 +144,18 @@ def _mysql_clock(element: db_clock, compiler: sa.sql.compiler.SQLCompiler, **kw:
 
 
 TRIGGER = "hitl_note_changed"
+FAIL_TRIGGER = "hitl_fail_on_request"
+# The trigger's NOTIFY channel on PostgreSQL (wake.py listens).
+NOTIFY_CHANNEL = "hitl_note_changed"
+# SQLite: a second trigger counts the note writes in this hitl_meta row (wake.py reads it).
+COUNTER_TRIGGER = "hitl_note_counted"
+NOTE_WRITES = "note_writes"
 # A LIKE pattern for trial note keys; it does not match the study's own note ("dashboard:note_*").
 NOTE_LIKE = "dashboard:%:note_%"
-# Most notes fit in a few chunks of 2045 characters; longer ones take another round trip.
+# Most notes fit in one chunk of 2045 characters: the first query asks for two (so that only a
+# longer note costs another round trip, for more at a time), and no more, as every key asked
+# for is a bound parameter (a sweep of 1,000 notes asks for 3,000 keys).
+FIRST_CHUNKS = 2
 CHUNKS_PER_QUERY = 8
 
 
@@ -154,6 +165,29 @@ ATTEMPTS = 5
 
 class InstallError(RuntimeError):
     """The database refused what hitl-pruner needs (tables, triggers)."""
+
+
+# The PostgreSQL trigger functions' bodies. A body changed in a new version replaces the one an
+# older version installed (install() compares them), so existing databases are upgraded too.
+PG_FUNCTIONS = {
+    # Queue the write, and wake the sweeping process, which LISTENs (wake.py). NOTIFY is sent at
+    # commit, so the sweep reads a queue row that is there.
+    TRIGGER: (
+        "BEGIN INSERT INTO hitl_note_changes (study_id, attr_key) VALUES (NEW.study_id, NEW.key); "
+        f"PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.study_id::text); RETURN NULL; END"
+    ),
+    FAIL_TRIGGER: (
+        "BEGIN IF EXISTS (SELECT 1 FROM hitl_requests r WHERE r.trial_id = NEW.trial_id "
+        "AND r.target = 'FAIL') THEN NEW.state := 'FAIL'; END IF; RETURN NEW; END"
+    ),
+}
+
+
+def _pg_function(name: str) -> str:
+    return (
+        f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger AS $$ {PG_FUNCTIONS[name]} $$ "
+        "LANGUAGE plpgsql"
+    )
 
 
 def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
@@ -172,14 +206,26 @@ def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
                 ],
             )
             for event in ("INSERT", "UPDATE")
+        ] + [
+            # Counts the writes for the sweep's watch (wake.py): SQLite gives a deleted row's
+            # id to the next row, so the queue's ids cannot tell a new row from an old one.
+            (
+                f"{COUNTER_TRIGGER}_{event.lower()}",
+                [
+                    f"CREATE TRIGGER IF NOT EXISTS {COUNTER_TRIGGER}_{event.lower()} AFTER "
+                    f"{event} ON study_system_attributes WHEN NEW.key LIKE '{NOTE_LIKE}' "
+                    f"BEGIN UPDATE hitl_meta SET value = CAST(value AS INTEGER) + 1 "
+                    f"WHERE name = '{NOTE_WRITES}'; END"
+                ],
+            )
+            for event in ("INSERT", "UPDATE")
         ]
     if dialect == "postgresql":
         return [
             (
                 TRIGGER,
                 [
-                    f"CREATE OR REPLACE FUNCTION {TRIGGER}() RETURNS trigger AS $$ "
-                    f"BEGIN {insert.format(key='key')}; RETURN NULL; END $$ LANGUAGE plpgsql",
+                    _pg_function(TRIGGER),
                     f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE ON study_system_attributes "
                     f"FOR EACH ROW WHEN (NEW.key LIKE '{NOTE_LIKE}') "
                     f"EXECUTE PROCEDURE {TRIGGER}()",
@@ -201,8 +247,6 @@ def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
         ]
     raise InstallError(f"unsupported database dialect {dialect!r}")
 
-
-FAIL_TRIGGER = "hitl_fail_on_request"
 
 
 def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
@@ -228,9 +272,7 @@ def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
         ])]
     if dialect == "postgresql":
         return [(FAIL_TRIGGER, [
-            f"CREATE OR REPLACE FUNCTION {FAIL_TRIGGER}() RETURNS trigger AS $$ "
-            f"BEGIN IF {requested} THEN NEW.state := 'FAIL'; END IF; RETURN NEW; END $$ "
-            "LANGUAGE plpgsql",
+            _pg_function(FAIL_TRIGGER),
             f"CREATE TRIGGER {FAIL_TRIGGER} BEFORE UPDATE OF state ON trials FOR EACH ROW "
             "WHEN (OLD.state = 'RUNNING' AND NEW.state = 'PRUNED') "
             f"EXECUTE PROCEDURE {FAIL_TRIGGER}()",
@@ -242,6 +284,16 @@ def _fail_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
             "THEN SET NEW.state = 'FAIL'; END IF; END"
         ])]
     raise InstallError(f"unsupported database dialect {dialect!r}")
+
+
+def _pg_function_current(conn: sa.Connection, name: str) -> bool:
+    """Whether the function ``name`` has this version's body."""
+    source = conn.execute(
+        sa.text("SELECT prosrc FROM pg_proc WHERE proname = :n AND "
+                "pronamespace = current_schema()::regnamespace"),
+        {"n": name},
+    ).scalar()
+    return source is not None and source.strip() == PG_FUNCTIONS[name]
 
 
 def _trigger_exists(conn: sa.Connection, name: str) -> bool:
@@ -303,14 +355,22 @@ class SqlStore:
     def _install_triggers(self) -> None:
         with self._engine.begin() as conn:
             dialect = conn.dialect.name
+            # The raw cursor with no parameters: pyformat drivers would read LIKE's % as a
+            # placeholder.
+            cursor = conn.connection.cursor()
+            if dialect == "sqlite":
+                cursor.execute(
+                    f"INSERT OR IGNORE INTO hitl_meta (name, value) VALUES ('{NOTE_WRITES}', '0')"
+                )
             for name, statements in _trigger_ddl(dialect) + _fail_trigger_ddl(dialect):
-                if _trigger_exists(conn, name):
-                    continue
-                # The raw cursor with no parameters: pyformat drivers would read LIKE's % as a
-                # placeholder.
-                cursor = conn.connection.cursor()
-                for statement in statements:
-                    cursor.execute(statement)
+                if not _trigger_exists(conn, name):
+                    for statement in statements:
+                        cursor.execute(statement)
+            if dialect == "postgresql":
+                for name in PG_FUNCTIONS:
+                    if not _pg_function_current(conn, name):
+                        logger.info("upgrading the trigger function %s()", name)
+                        cursor.execute(_pg_function(name))
 
     def _bootstrap(self) -> None:
         """Queue every note written before the triggers existed, once per database."""
@@ -407,10 +467,73 @@ class SqlStore:
                 raise LostRace()  # the request changed since we read it: leave it be
             conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
 
+    def transition_many(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        if not entries:
+            return []
+        now = _utcnow()
+        # One executemany per set of columns a change writes: a trial that ran gets its
+        # completion time (and a waiting one its start), as in transition().
+        by_kind: dict[TrialState | None, list[dict[str, object]]] = {}
+        # In the order of the trials' ids, so that two servers writing batches at once lock the
+        # rows in one order: the second waits for the first, and finds its trials changed.
+        for kind, entry in sorted(
+            ((e.from_state if e.from_state in ACTIVE else None, e) for e in entries),
+            key=lambda pair: (
+                0 if pair[0] is None else ACTIVE.index(pair[0]) + 1, pair[1].trial_id
+            ),
+        ):
+            by_kind.setdefault(kind, []).append(
+                {"b_trial": entry.trial_id, "b_from": entry.from_state, "b_to": entry.to_state}
+            )
+        state_type = trials_t.c.state.type
+        try:
+            with self._engine.begin() as conn:
+                written = 0
+                for kind, rows in by_kind.items():
+                    values: dict[str, object] = {"state": sa.bindparam("b_to", type_=state_type)}
+                    if kind is not None:
+                        values["datetime_complete"] = now
+                        if kind == TrialState.WAITING:
+                            values["datetime_start"] = now
+                    written += conn.execute(
+                        sa.update(trials_t)
+                        .where(trials_t.c.trial_id == sa.bindparam("b_trial"))
+                        .where(trials_t.c.state == sa.bindparam("b_from", type_=state_type))
+                        .values(**values),
+                        rows,
+                    ).rowcount
+                # The drivers sum an executemany's rows (pysqlite, psycopg2, PyMySQL).
+                if written != len(entries):
+                    raise LostRace()
+                # Their states are final now: a request still open for one is answered.
+                conn.execute(sa.delete(requests_t).where(
+                    requests_t.c.trial_id.in_(sorted(e.trial_id for e in entries))
+                ))
+                conn.execute(sa.insert(audit_t), [_audit_row(entry) for entry in entries])
+        except LostRace:
+            return list(entries)  # rolled back: the caller writes them one at a time
+        except sa.exc.DBAPIError as exc:
+            if not _conflict(exc):
+                raise
+            # The database chose this transaction as a deadlock's victim and rolled it back
+            # (rows of the batch were being written by someone else): one at a time, then.
+            logger.info("a batch of %d state changes met a concurrent writer (%s)",
+                        len(entries), exc.orig)
+            return list(entries)
+        return []
+
     def worker(self, ref: TrialRef, *, alive_for: float = DEFAULT_ALIVE_FOR) -> Worker:
         """What we know of a RUNNING trial's worker: only evidence, see requests.evidence."""
-        trial_id, study_id = ref.trial_id, ref.study_id
+        return self.workers([ref], alive_for=alive_for).get(ref.trial_id, Worker(False))
+
+    def workers(self, refs: Iterable[TrialRef], *,
+                alive_for: float = DEFAULT_ALIVE_FOR) -> dict[int, Worker]:
+        ids = sorted({ref.trial_id for ref in refs})
+        if not ids:
+            return {}
+        trial_id = trials_t.c.trial_id
         query = sa.select(
+            trial_id,
             sa.exists().where(
                 trial_attrs_t.c.trial_id == trial_id, trial_attrs_t.c.key == COOPERATIVE_ATTR
             ),
@@ -419,18 +542,22 @@ class SqlStore:
             .where(requests_t.c.trial_id == trial_id)
             .scalar_subquery(),
             sa.select(db_clock() - sa.func.max(workers_t.c.seen_at))
-            .where(workers_t.c.study_id == study_id)
+            .where(workers_t.c.study_id == trials_t.c.study_id)
             .scalar_subquery(),
-        )
+        ).where(trial_id.in_(ids))
+        found: dict[int, Worker] = {}
         with self._engine.connect() as conn:
-            marked, reported, target, seen_ago = conn.execute(query).one()
-        why = evidence(
-            marked=bool(marked),
-            reported=bool(reported),
-            seen_ago=max(0.0, float(seen_ago)) if seen_ago is not None else None,
-            alive_for=alive_for,
-        )
-        return Worker(why is not None, TrialState[target] if target else None, why or "")
+            for tid, marked, reported, target, seen_ago in conn.execute(query):
+                why = evidence(
+                    marked=bool(marked),
+                    reported=bool(reported),
+                    seen_ago=max(0.0, float(seen_ago)) if seen_ago is not None else None,
+                    alive_for=alive_for,
+                )
+                found[tid] = Worker(
+                    why is not None, TrialState[target] if target else None, why or ""
+                )
+        return found
 
     def ask(self, request: Request, replaces: TrialState | None) -> None:
         try:
@@ -523,13 +650,13 @@ class SqlStore:
         remaining = sorted(set(trial_ids))
         versions: dict[int, int] = {}
         chunks: dict[int, dict[int, str]] = {tid: {} for tid in remaining}
-        first = 0
+        first, count = 0, FIRST_CHUNKS
         with self._engine.connect() as conn:
             while remaining:
                 keys = [
                     f"{note_str_key_prefix(tid)}{i}"
                     for tid in remaining
-                    for i in range(first, first + CHUNKS_PER_QUERY)
+                    for i in range(first, first + count)
                 ]
                 if first == 0:
                     keys += [note_ver_key(tid) for tid in remaining]
@@ -544,7 +671,7 @@ class SqlStore:
                         versions[tid] = int(json.loads(value_json))
                     else:
                         chunks[tid][int(key.rsplit(":", 1)[1])] = json.loads(value_json)
-                first += CHUNKS_PER_QUERY
+                first, count = first + count, CHUNKS_PER_QUERY
                 remaining = [tid for tid in remaining if len(chunks[tid]) == first]
         return {
             tid: Note(version, "".join(chunks[tid][i] for i in range(len(chunks[tid]))))
@@ -605,6 +732,24 @@ class SqlStore:
         query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)
         with self._engine.connect() as conn:
             return [_audit_entry(row) for row in conn.execute(query)]
+
+
+# Errors after which the database has rolled the transaction back, and the same writes may be
+# tried again: PostgreSQL's deadlock and serialization failure, MySQL's deadlock and lock wait
+# timeout.
+PG_CONFLICTS = ("40P01", "40001")
+MYSQL_CONFLICTS = (1213, 1205)
+
+
+def _conflict(exc: sa.exc.DBAPIError) -> bool:
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return code in PG_CONFLICTS
+    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+    return type(orig).__module__.startswith("pymysql") and bool(args) and (
+        args[0] in MYSQL_CONFLICTS
+    )
 
 
 def _audit_row(entry: AuditEntry) -> dict[str, object]:

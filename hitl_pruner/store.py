@@ -6,6 +6,7 @@ import dataclasses
 import re
 from typing import Iterable
 from typing import Protocol
+from typing import Sequence
 
 from optuna.trial import TrialState
 
@@ -60,6 +61,19 @@ class Store(Protocol):
         longer in entry.from_state, or, when forcing ``request``, that request is no longer
         open as it was read (a note-save may have claimed it meanwhile: see ``claim``).
         """
+        ...
+
+    def transition_many(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        """``transition`` for many trials (one entry each, no request), in one go; returns the
+        entries not written because their trial was no longer in ``from_state``.
+
+        An RDB store writes all or none (one transaction): when one trial changed, it returns
+        every entry, and the caller carries them out one at a time.
+        """
+        ...
+
+    def workers(self, refs: Iterable[TrialRef], *, alive_for: float = ...) -> dict[int, Worker]:
+        """``worker`` for many RUNNING trials at once, by trial id."""
         ...
 
     def worker(self, ref: TrialRef, *, alive_for: float = ...) -> Worker:

@@ -16,13 +16,18 @@ from . import outage
 from .applier import Applier
 from .lock import SweepLock
 from .store import Change
+from .store import Note
 from .store import Store
+from .store import TrialRef
+from .wake import Watch
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
 # After a bug (not an outage), wait longer each time, up to this, so as not to flood the log.
 MAX_BACKOFF = 300.0
+# The longest a watch blocks at a time, so that stop() is heard that soon.
+WATCH_SLICE = 0.25
 
 
 @dataclasses.dataclass
@@ -43,6 +48,11 @@ class Sweeper:
     looping, but only the holder sweeps; the others try to take the lock each interval. The
     lock is taken by the loop, not by ``run_once``, which stays callable directly.
 
+    Between rounds the holder waits on its ``watch`` (wake.py), when it has one: as soon as a
+    note is written it checks the lock and runs the queue part of a round (``run_queue``), so a
+    note written by a script is applied within a fraction of a second. The interval stays the
+    pace of the rest: settling requests to workers, the lock's hand-over, outage retries.
+
     While the database is unavailable (outage.py) the loop tries again every interval, first
     with ``ping``, and sweeps in the round the database answers again, so queued commands wait
     at most one interval after it is back. The outage is logged once by ``state``, not per round.
@@ -58,6 +68,7 @@ class Sweeper:
         lock: SweepLock | None = None,
         state: outage.DatabaseState | None = None,
         ping: Callable[[], object] | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.applier = applier
         self.store = store
@@ -65,6 +76,7 @@ class Sweeper:
         self.lock = lock
         self.state = state if state is not None else outage.DatabaseState()
         self.ping = ping
+        self.watch = watch
         self.last_run: float | None = None
         # When the loop last went round (swept, or tried for the lock), and its failures since.
         self.last_tick: float | None = None
@@ -75,6 +87,14 @@ class Sweeper:
         self._dry_run_said: set[tuple[int, int]] = set()
 
     def run_once(self) -> SweepStats:
+        """A whole round: the queue, then the open requests to workers."""
+        return self._run(settle=True)
+
+    def run_queue(self) -> SweepStats:
+        """The queue part of a round only: what a watch's wake runs."""
+        return self._run(settle=False)
+
+    def _run(self, *, settle: bool) -> SweepStats:
         started = time.perf_counter()
         stats = SweepStats()
         names = self.applier.studies
@@ -88,7 +108,8 @@ class Sweeper:
             self.store.ack(done)
             if len(changes) < BATCH:
                 break
-        self._settle(study_ids, stats)
+        if settle:
+            self._settle(study_ids, stats)
         stats.seconds = time.perf_counter() - started
         self.last_run = time.time()
         if stats.changes or stats.settled:
@@ -105,21 +126,23 @@ class Sweeper:
                 stats.settled += 1
 
     def _apply(self, changes: list[Change], stats: SweepStats) -> list[Change]:
-        """Apply the current note of every trial named; return the changes that are settled."""
+        """Apply the current note of every trial named; return the changes that are settled.
+
+        In a few statements whatever the number of notes: the trials in one query, the notes
+        in one per study, and the applier's batch (``Applier.apply_many``).
+        """
         by_study: dict[int, set[int]] = collections.defaultdict(set)
         for change in changes:
             if change.trial_id >= 0:
                 by_study[change.study_id].add(change.trial_id)
-        unsettled: set[int] = set()
+        refs = self.store.trials({tid for ids in by_study.values() for tid in ids})
+        items: list[tuple[TrialRef, Note]] = []
         for study_id, trial_ids in by_study.items():
-            refs = self.store.trials(trial_ids)
             # A note filed under another study's id names a trial that is not this study's.
-            refs = {tid: ref for tid, ref in refs.items() if ref.study_id == study_id}
-            notes = self.store.notes(study_id, refs)
-            history = self.store.last_changes(
-                tid for tid, ref in refs.items() if self.applier.needs_history(ref)
-            )
-            for tid, ref in refs.items():
+            mine = {tid: refs[tid] for tid in trial_ids
+                    if tid in refs and refs[tid].study_id == study_id}
+            notes = self.store.notes(study_id, mine) if mine else {}
+            for tid, ref in mine.items():
                 note = notes.get(tid)
                 if note is None:
                     continue
@@ -127,14 +150,14 @@ class Sweeper:
                     if (tid, note.version) in self._dry_run_said:
                         continue
                     self._dry_run_said.add((tid, note.version))
-                outcome = self.applier.apply(
-                    ref, note, source="sweep", last_change=history.get(tid)
-                )
-                stats.trials += 1
-                if outcome.action == "applied":
-                    stats.applied += 1
-                elif outcome.action == "lost race":
-                    unsettled.add(tid)
+                items.append((ref, note))
+        unsettled: set[int] = set()
+        for (ref, _), outcome in zip(items, self.applier.apply_many(items)):
+            stats.trials += 1
+            if outcome.action == "applied":
+                stats.applied += 1
+            elif outcome.action == "lost race":
+                unsettled.add(ref.trial_id)
         return [c for c in changes if c.trial_id not in unsettled]
 
     def start(self) -> None:
@@ -186,23 +209,63 @@ class Sweeper:
     def _loop(self) -> None:
         delay = 0.0  # first sweep at once: it picks up notes saved while we were down
         try:
-            while not self._stop.wait(delay):
+            while not self._wait(delay):
                 try:
                     self._round()
                     self.failures = 0
                     delay = self.interval
                 except Exception as exc:
-                    self.failures += 1
-                    if outage.unavailable(exc):
-                        # An outage ends the sweep neither, nor slows it: the queue waits for
-                        # the database, and is applied in the round the database answers.
-                        self.state.failed(exc)
-                        delay = self.interval
-                    else:
-                        delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
-                        logger.exception("sweep failed; retrying in %.0f s", delay)
+                    delay = self._failed(exc, delay)
                 self.last_tick = time.time()
         finally:
+            if self.watch is not None:
+                self.watch.close()
             if self.lock is not None and self.lock.held:
                 self.lock.release()
                 logger.info("this process stopped running the sweep (pid %d)", os.getpid())
+
+    def _failed(self, exc: Exception, delay: float) -> float:
+        """Count and log a failed round; the pause before the next one."""
+        self.failures += 1
+        if outage.unavailable(exc):
+            # An outage ends the sweep neither, nor slows it: the queue waits for the
+            # database, and is applied in the round the database answers.
+            self.state.failed(exc)
+            return self.interval
+        delay = min(max(delay * 2, self.interval), MAX_BACKOFF)
+        logger.exception("sweep failed; retrying in %.0f s", delay)
+        return delay
+
+    def _wait(self, delay: float) -> bool:
+        """Pause ``delay`` seconds before the next round; True once stopped.
+
+        The sweeping process watches meanwhile, and applies the queue at each wake. A process
+        that does not sweep, or whose last round failed, only waits: its next round is the
+        one that takes the lock or meets the outage.
+        """
+        watch = self.watch
+        if watch is None or self.failures or (self.lock is not None and not self.lock.held):
+            return self._stop.wait(delay)
+        until = time.monotonic() + delay
+        while not self._stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                if watch.wait(min(left, WATCH_SLICE)) and not self._stop.is_set():
+                    if not self._wake():
+                        return False  # the lock was lost: the next round sees to it now
+            except Exception as exc:
+                # As a failed round: an outage or a bug; the next round comes at the interval.
+                self._failed(exc, 0.0)
+                return self._stop.wait(max(0.0, until - time.monotonic()))
+        return True
+
+    def _wake(self) -> bool:
+        """A note was written: apply the queue now. False when the lock is no longer ours."""
+        lock = self.lock
+        if lock is not None and not lock.check():
+            logger.warning("this process no longer runs the sweep (pid %d)", os.getpid())
+            return False
+        self.run_queue()
+        return True
