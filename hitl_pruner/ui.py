@@ -400,7 +400,7 @@ class UiMiddleware:
         self.live.check()
         feed = self.live.feed
         if raw is None:
-            payload = {"study_id": study_id, "since": None, "latest": feed.latest(),
+            payload: dict[str, Any] = {"study_id": study_id, "since": None, "latest": feed.latest(),
                        "more": False, "changes": []}
             return _json(start_response, "200 OK", payload)
         since = int(raw[0])
