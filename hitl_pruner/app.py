@@ -23,6 +23,8 @@ from .config import ConfigError
 from .config import Settings
 from .health import Health
 from .journal import ApiStore
+from .live import AuditWatcher
+from .live import feed_for
 from .middleware import HitlMiddleware
 from .origin import CrossOriginGuard
 from .outage import DatabaseState
@@ -181,8 +183,13 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage
     ) else None
+    # Changes made by other processes reach this one's dashboard cache too (live.py).
+    watcher = AuditWatcher(
+        dashboard_app, feed=feed_for(store),
+        forget=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
+    )
     hitl = HitlMiddleware(
-        dashboard_app,
+        watcher,
         applier=applier,
         store=store,
         sweeper=sweeper,
@@ -197,7 +204,8 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     )
     # A request that meets a database outage, ours or the dashboard's, gets a JSON 503.
     ui = OutageMiddleware(
-        UiMiddleware(hitl, applier=applier), state=state, ping=ping, retry_after=settings.interval
+        UiMiddleware(hitl, applier=applier, live=watcher),
+        state=state, ping=ping, retry_after=settings.interval,
     )
     if not (settings.basic_auth or settings.user_header):
         return CrossOriginGuard(ui, **_browsers(settings))

@@ -19,6 +19,16 @@ through the same note-save path as one typed in the dashboard. It answers:
 ``GET /hitl/api/studies/<study_id>/<trial_id>``
     The trial's state and note, and for each command whether a note carrying it would change
     the trial (the applier's own rules): what the buttons show.
+``GET /hitl/api/studies/<study_id>/changes?since=<cursor>``
+    What changed in the study after ``since``, for the page to show at once (hitl.js polls it
+    every half second; live.py): ``{"study_id": 1, "since": 41, "latest": 44, "more": false,
+    "changes": [{"id": 43, "trial_id": 7, "number": 6, "to_state": "PRUNED"}]}``, oldest
+    first. The cursor is global (the newest audit id; a journal's record time in
+    microseconds): ask next with ``since=<latest>``; ``more`` says the answer stopped at
+    ``CHANGES_LIMIT`` records, so ask again at once. Without ``since``, ``latest`` is the
+    newest cursor and ``changes`` is empty: a page starts from now. ``since`` must be one
+    integer from 0 to 2**63 - 1 in plain form, else 400. It also lets this process's
+    :class:`~hitl_pruner.live.AuditWatcher` look for changes made elsewhere.
 ``POST /hitl/api/actions/<id>/undo``
     Removes the command words from the trial's note and saves the next version through
     ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.
@@ -58,12 +68,14 @@ from . import outage
 from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
+from .live import AuditWatcher
 from .middleware import OUTCOME_HEADER
 from .prefix import BUNDLE_PATH
 from .prefix import clean_prefix
 from .prefix import prefixed_bundle
 from .prefix import prefixed_page
 from .routes import ID
+from .routes import MAX_ID
 from .routes import dashboard_path
 from .routes import ids
 from .store import Note
@@ -85,6 +97,11 @@ STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)\Z")
 # Ids in plain form only, as routes.py: ASCII digits, no sign or leading zero, below 2**63.
 TRIAL_PATH = re.compile(rf"^/hitl/api/studies/{ID}/{ID}\Z")
 UNDO_PATH = re.compile(rf"^/hitl/api/actions/{ID}/undo\Z")
+CHANGES_PATH = re.compile(rf"^/hitl/api/studies/{ID}/changes\Z")
+PLAIN_ID = re.compile(rf"{ID}\Z")
+# Records read per changes poll (of every study: the cursor is global); a page that is behind
+# by more asks again at once.
+CHANGES_LIMIT = 500
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 # Undo looks its action up among this many newest ones; an older one was superseded anyway
@@ -150,10 +167,12 @@ class UiMiddleware:
         application: WSGIApplication,
         *,
         applier: Applier,
+        live: AuditWatcher,
         static_dir: Path = STATIC_DIR,
     ) -> None:
         self.application = application
         self.applier = applier
+        self.live = live
         self._static = _load_static(static_dir)
         self._bundles: dict[str, _Static] = {}
 
@@ -211,6 +230,11 @@ class UiMiddleware:
             if method != "GET":
                 return _not_allowed(start_response, "GET")
             return self._trial(start_response, trial[0], trial[1])
+        changes = ids(CHANGES_PATH, path)
+        if changes is not None:
+            if method != "GET":
+                return _not_allowed(start_response, "GET")
+            return self._changes(environ, start_response, changes[0])
         undo = ids(UNDO_PATH, path)
         if undo is not None:
             if method != "POST":
@@ -359,6 +383,38 @@ class UiMiddleware:
                 "commands": self._commands(ref),
             },
         )
+
+    def _changes(
+        self, environ: WSGIEnvironment, start_response: StartResponse, study_id: int
+    ) -> Iterable[bytes]:
+        raw = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("since")
+        if raw is not None and (
+            len(raw) != 1 or not PLAIN_ID.match(raw[0]) or int(raw[0]) > MAX_ID
+        ):
+            shown = raw[0] if len(raw) == 1 else raw
+            reason = (
+                f"since must be one integer from 0 to {MAX_ID} in plain digits (the latest "
+                f"of the previous answer), not {shown!r}"
+            )
+            return _json(start_response, "400 Bad Request", {"reason": reason})
+        self.live.check()
+        feed = self.live.feed
+        if raw is None:
+            payload: dict[str, Any] = {"study_id": study_id, "since": None, "latest": feed.latest(),
+                       "more": False, "changes": []}
+            return _json(start_response, "200 OK", payload)
+        since = int(raw[0])
+        found = feed.after(since, CHANGES_LIMIT + 1)
+        more = len(found) > CHANGES_LIMIT
+        found = found[:CHANGES_LIMIT]
+        payload = {
+            "study_id": study_id,
+            "since": since,
+            "latest": found[-1].id if found else since,
+            "more": more,
+            "changes": [change.to_json() for change in found if change.study_id == study_id],
+        }
+        return _json(start_response, "200 OK", payload)
 
     def _commands(self, ref: TrialRef) -> dict[str, dict[str, Any]]:
         """What a note ending in each command would do to this trial, by the applier's rules.

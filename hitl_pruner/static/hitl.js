@@ -12,8 +12,10 @@
    Why the stand-in chip: the dashboard refreshes a study every 2-10 s, and then only from its
    first RUNNING or WAITING trial on; trials before that are never fetched again until the page
    is reloaded. So a relabelled COMPLETE trial would keep its old chip. Until the dashboard's
-   own copy of the trial is fresh again, we hide its chip and show the state the server
-   reported. */
+   own copy of the trial shows the new state, we hide its chip and show the state the server
+   reported: after this page's own note saves, and for every change made anywhere else (another
+   user, a script's note, the sweep, a worker), which a short poll of the study's audit brings
+   within a second (see "live" below). */
 (() => {
   "use strict";
 
@@ -24,6 +26,7 @@
   const OUTCOME_HEADER = "X-Hitl-Outcome";
   const NOTE_PATH = /^\/api\/studies\/(\d+)\/(\d+)\/note\/*$/;
   const STUDY_PATH = /^\/api\/studies\/(\d+)\/*$/;
+  const STUDY_PAGE = /^\/dashboard\/studies\/(\d+)(?:\/|$)/;
   const TRIALS_PAGE = /^\/dashboard\/studies\/(\d+)\/trials\/*$/;
   const DETAIL_TITLE = /^Trial (\d+) \(trial_id=(\d+)\)$/;
   const LIST_TITLE = /^Trial (\d+)$/;
@@ -67,8 +70,9 @@
     }
   }
 
-  // trial_id -> {studyId, number, state: "Pruned", since}: states the server reported after a
-  // note save that the dashboard has not fetched since.
+  // trial_id -> {studyId, number, state: "Pruned", live}: states the server reported (after a
+  // note save, or in the study's changes) that the dashboard does not show yet. `live` is the
+  // change's audit id, for changes from elsewhere.
   const overrides = new Map();
   // `${trialId}:${state}` -> Promise of /hitl/api/studies/<sid>/<tid>, for the buttons.
   const trialInfo = new Map();
@@ -227,28 +231,22 @@
     } catch (e) {
       return null;
     }
-    for (const key of trialInfo.keys()) {
-      if (key.startsWith(`${trialId}:`)) {
-        trialInfo.delete(key);
-      }
-    }
+    forgetInfo(trialId);
     const num = number !== undefined ? number : numberOf(trialId);
     if (outcome.action === "applied" && LABELS[outcome.to]) {
-      overrides.set(trialId, {
-        studyId,
-        number: num,
-        state: LABELS[outcome.to],
-        since: performance.now(),
-      });
+      overrides.set(trialId, { studyId, number: num, state: LABELS[outcome.to] });
     }
     showOutcome(outcome, num);
     decorate();
     return outcome;
   };
 
-  // The dashboard fetched some of a study's trials: those now show the server's state.
-  const studyFetched = (studyId, response, started) => {
-    const waiting = [...overrides.values()].some((o) => o.studyId === studyId && o.since < started);
+  // The dashboard fetched some of a study's trials: those it got in the state we stand in for
+  // need us no more. One in another state keeps its stand-in: with several server processes,
+  // the answer can come from one that cached the trial just before the change (for a moment:
+  // each process forgets a changed study within a quarter second, live.py).
+  const studyFetched = (studyId, response) => {
+    const waiting = [...overrides.values()].some((o) => o.studyId === studyId);
     if (!waiting) {
       return;
     }
@@ -258,7 +256,7 @@
       .then((data) => {
         for (const trial of data.trials || []) {
           const o = overrides.get(trial.trial_id);
-          if (o && o.since < started) {
+          if (o && o.state === trial.state) {
             overrides.delete(trial.trial_id);
           }
         }
@@ -275,7 +273,6 @@
     const url = input instanceof Request ? input.url : String(input);
     const method = ((init && init.method) || (input instanceof Request ? input.method : "GET"))
       .toUpperCase();
-    const started = performance.now();
     const response = await realFetch(input, init);
     const path = local(url);
     if (path === null || !path.startsWith("/api/")) {
@@ -291,7 +288,7 @@
         const outcome = JSON.parse(response.headers.get(OUTCOME_HEADER));
         showOutcome(outcome, numberOf(outcome.trial_id));
       } else if (study && method === "GET" && response.ok) {
-        studyFetched(Number(study[1]), response, started);
+        studyFetched(Number(study[1]), response);
       }
     } catch (e) {
       // Never let our bookkeeping break the dashboard's request.
@@ -307,6 +304,110 @@
       });
     }
     return response;
+  };
+
+  /* -- live: every human action, wherever it was made -------------------------------------- */
+
+  // Every state change a human causes through hitl-pruner is an audit record. While a study is
+  // on screen (and the tab visible), ask for the records after the last one seen every half
+  // second, and show each trial's new state as this page's own saves are shown. A short poll:
+  // no request stays open on the server. No toast: the sweep or a script can end hundreds of
+  // trials at once, and the chip that changes (with a brief highlight) is the news.
+  const LIVE_EVERY_MS = 500;
+  const LIVE_RETRY_MS = 5000;
+  // Audit ids are handed out before commit, so a record can become visible a moment after one
+  // with a higher id (two servers writing at once). Each poll asks again from the cursor as it
+  // was this long ago, and skips the records it has seen.
+  const LATE_COMMIT_MS = 2000;
+  const live = {
+    cursor: null, // the server's "latest": records up to it have been asked for
+    left: [], // [{cursor, at}]: cursors moved past within LATE_COMMIT_MS, oldest first
+    resume: null, // the answer stopped at its limit ("more"): go on from here at once
+    seen: new Map(), // `${id}:${trial_id}` -> when it was seen
+  };
+
+  const forgetInfo = (trialId) => {
+    for (const key of trialInfo.keys()) {
+      if (key.startsWith(`${trialId}:`)) {
+        trialInfo.delete(key);
+      }
+    }
+  };
+
+  const liveSince = (now) => {
+    if (live.resume !== null) {
+      return live.resume;
+    }
+    while (live.left.length && now - live.left[0].at > LATE_COMMIT_MS) {
+      live.left.shift();
+    }
+    return live.left.length ? live.left[0].cursor : live.cursor;
+  };
+
+  // A record of this study: its trial shows the record's state (a newer record of the same
+  // trial wins; records come oldest first).
+  const liveChange = (studyId, change, now) => {
+    const key = `${change.id}:${change.trial_id}`;
+    const state = LABELS[change.to_state];
+    const o = overrides.get(change.trial_id);
+    if (live.seen.has(key) || !state || (o && o.live > change.id)) {
+      return false;
+    }
+    live.seen.set(key, now);
+    overrides.set(change.trial_id, { studyId, number: change.number, state, live: change.id });
+    forgetInfo(change.trial_id);
+    return true;
+  };
+
+  // One poll; returns how long to wait before the next.
+  const pollLive = async () => {
+    const path = local(location.href);
+    const page = path && STUDY_PAGE.exec(path);
+    if (!page || document.visibilityState !== "visible") {
+      return LIVE_EVERY_MS;
+    }
+    const studyId = Number(page[1]);
+    const now = performance.now();
+    const since = live.cursor === null ? null : liveSince(now);
+    const query = since === null ? "" : `?since=${since}`;
+    const res = await realFetch(`${PREFIX}/hitl/api/studies/${studyId}/changes${query}`, {
+      headers: { Accept: "application/json" },
+      cache: "no-store",
+    });
+    if (!res.ok) {
+      return LIVE_RETRY_MS;
+    }
+    const data = await res.json();
+    let changed = false;
+    for (const change of data.changes) {
+      changed = liveChange(studyId, change, now) || changed;
+    }
+    if (live.cursor === null || data.latest > live.cursor) {
+      if (live.cursor !== null) {
+        live.left.push({ cursor: live.cursor, at: now });
+      }
+      live.cursor = data.latest;
+    }
+    live.resume = data.more ? data.latest : null;
+    for (const [key, at] of live.seen) {
+      if (now - at > 5 * LATE_COMMIT_MS) {
+        live.seen.delete(key);
+      }
+    }
+    if (changed) {
+      decorate();
+    }
+    return data.more ? 0 : LIVE_EVERY_MS;
+  };
+
+  const liveLoop = async () => {
+    let wait = LIVE_RETRY_MS;
+    try {
+      wait = await pollLive();
+    } catch (e) {
+      // The server is away (restarting, or the database is): the dashboard says so; try later.
+    }
+    setTimeout(liveLoop, wait);
   };
 
   /* -- the buttons ------------------------------------------------------------------------ */
@@ -471,6 +572,10 @@
     if (ours.textContent !== override.state) {
       ours.textContent = override.state;
       ours.dataset.state = override.state.toLowerCase();
+      // Restart the highlight: the state just changed on screen.
+      ours.classList.remove("hitl-chip-new");
+      void ours.offsetWidth;
+      ours.classList.add("hitl-chip-new");
     }
   };
 
@@ -495,20 +600,14 @@
     renderBar(bar, studyId, trialId, state);
   };
 
-  const decorateListItem = (primary, studyId, number) => {
+  const decorateListItem = (primary, byNumber, number) => {
     const item = primary.closest(".MuiListItemButton-root");
     const text = primary.closest(".MuiListItemText-root");
     const chips = text && text.nextElementSibling;
     if (!item || !chips) {
       return;
     }
-    let override = null;
-    for (const o of overrides.values()) {
-      if (o.studyId === studyId && o.number === number) {
-        override = o;
-      }
-    }
-    standIn(chips, override, true);
+    standIn(chips, byNumber.get(number) || null, true);
   };
 
   const syncTheme = () => {
@@ -537,28 +636,18 @@
         decorateDetail(title, studyId, Number(m[2]));
       }
     }
+    // Looked up by number once per pass: a script may have changed hundreds of trials.
+    const byNumber = new Map();
+    for (const o of overrides.values()) {
+      if (o.studyId === studyId) {
+        byNumber.set(o.number, o);
+      }
+    }
     for (const primary of document.querySelectorAll(".MuiListItemText-primary")) {
       const m = LIST_TITLE.exec(primary.textContent || "");
       if (m) {
-        decorateListItem(primary, studyId, Number(m[1]));
+        decorateListItem(primary, byNumber, Number(m[1]));
       }
-    }
-  };
-
-  // Another tab, the sweep or a worker may change an overridden trial again: every few
-  // seconds, ask the server for the state of the trials we stand in for.
-  const recheck = () => {
-    for (const [trialId, o] of overrides) {
-      realFetch(`${PREFIX}/hitl/api/studies/${o.studyId}/${trialId}`, { cache: "no-store" })
-        .then((res) => (res.ok ? res.json() : null))
-        .then((info) => {
-          const label = info && LABELS[info.state];
-          if (label && overrides.get(trialId) === o && o.state !== label) {
-            overrides.set(trialId, { ...o, state: label });
-            decorate();
-          }
-        })
-        .catch(() => {});
     }
   };
 
@@ -716,7 +805,8 @@
   // dark, and its colour-mode switch only restyles: no DOM change to observe. So look.
   document.addEventListener("click", () => requestAnimationFrame(syncTheme), true);
   setInterval(syncTheme, 500);
-  setInterval(recheck, 5000);
   syncTheme();
   decorate();
+  // Now, before the dashboard's first fetch of the study: what changes after it is polled for.
+  liveLoop();
 })();
