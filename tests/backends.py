@@ -57,6 +57,11 @@ def database(backend: str, tmp_path: Path) -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"CREATE DATABASE {name}")
+            if backend == "postgresql":
+                # Commits stay atomic and at once visible to every session; only a crash of the
+                # PostgreSQL server itself could lose the last ones, which no test does to the
+                # shared server. Saves a WAL flush (~3 ms here, more under load) per commit.
+                conn.exec_driver_sql(f"ALTER DATABASE {name} SET synchronous_commit = off")
     except sa.exc.OperationalError as exc:
         admin.dispose()
         unavailable(f"{backend} at {ADMIN_URLS[backend]} ({exc.orig})")
