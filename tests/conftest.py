@@ -5,10 +5,15 @@ from typing import Iterator
 
 from backends import BACKENDS
 from backends import database
+from backends import drop_databases_left
 import optuna
 import pytest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    drop_databases_left()
 
 
 @pytest.fixture(params=BACKENDS)
