@@ -37,7 +37,7 @@ if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
   export TMPDIR=/dev/shm
 fi
 # In parallel (pytest-xdist): most tests wait on server processes and databases, not on a CPU,
-# so more workers than cores pay (HITL_TEST_WORKERS; README, Tests). Arguments given to this
-# script come after and win, e.g. `bash scripts/test.sh -n0 tests/test_lock.py` runs serially;
-# plain `pytest` stays serial.
-exec .venv/bin/python -m pytest -n "${HITL_TEST_WORKERS:-4}" "$@"
+# so more workers than cores pay (HITL_TEST_WORKERS). loadgroup keeps the Chromium tests in one
+# worker (tests/conftest.py). Arguments given to this script come after and win, e.g.
+# `bash scripts/test.sh -n0 tests/test_lock.py` runs serially; plain `pytest` stays serial.
+exec .venv/bin/python -m pytest -n "${HITL_TEST_WORKERS:-4}" --dist loadgroup "$@"

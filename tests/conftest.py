@@ -16,6 +16,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     drop_databases_left()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's --dist loadgroup (scripts/test.sh), every test that drives Chromium
+    runs in one worker, one after the other: one Chromium at a time instead of one per worker,
+    launched once per module, and the pages' "within a second" is not measured while three
+    other Chromiums load the dashboard's bundle next to it."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("chromium"))
+
+
 @pytest.fixture(params=BACKENDS)
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database on each backend: every test using it runs on all three."""
