@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +25,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("chromium"))
+
+
+@pytest.fixture(autouse=True)
+def hitl_logger_restored() -> Iterator[None]:
+    """cli.main() run in process sets up the "hitl_pruner" logger (logs.setup_logging: a handler
+    on this test's captured stderr, no propagation). Put it back as it was: a later test in the
+    same process (any, under xdist) must still see our log records (caplog, test_fuzz's ERROR
+    handler), and nothing may write to a closed capture stream."""
+    logger = logging.getLogger("hitl_pruner")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers, logger.level, logger.propagate = handlers, level, propagate
 
 
 @pytest.fixture(params=BACKENDS)
