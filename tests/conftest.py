@@ -1,14 +1,42 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator
 
 from backends import BACKENDS
 from backends import database
+from backends import drop_databases_left
 import optuna
 import pytest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    drop_databases_left()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's --dist loadgroup (scripts/test.sh), every test that drives Chromium
+    runs in one worker, one after the other: one Chromium at a time instead of one per worker,
+    launched once per module, and the pages' "within a second" is not measured while three
+    other Chromiums load the dashboard's bundle next to it."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("chromium"))
+
+
+@pytest.fixture(autouse=True)
+def hitl_logger_restored() -> Iterator[None]:
+    """cli.main() run in process sets up the "hitl_pruner" logger (logs.setup_logging: a handler
+    on this test's captured stderr, no propagation). Put it back as it was: a later test in the
+    same process (any, under xdist) must still see our log records (caplog, test_fuzz's ERROR
+    handler), and nothing may write to a closed capture stream."""
+    logger = logging.getLogger("hitl_pruner")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers, logger.level, logger.propagate = handlers, level, propagate
 
 
 @pytest.fixture(params=BACKENDS)

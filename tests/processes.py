@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +39,9 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 HTTP_TIMEOUT = 30.0
 Ready = Literal["http", "none"]
+# How gunicorn and serve (before gunicorn: cli.check_port_free) say that the port is taken: by
+# another test's server, between free_port() and the bind. (hitl-pruner refuses port 0.)
+PORT_TAKEN = re.compile(r"Address already in use|port \d+ on \S+ is in use")
 
 _counter = itertools.count(1)
 
@@ -141,6 +145,24 @@ class Server:
                 start_new_session=True,
             )
 
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> bool:
+        """Until gunicorn says it listens on our port: True; False if the port was taken.
+
+        Also True if the process stopped for another reason, or said nothing in time: that is
+        for wait_ready() or the test to find out."""
+        listening = f"Listening at: http://{HOST}:{self.port} "
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            output = self.output
+            if listening in output:
+                return True
+            if PORT_TAKEN.search(output):
+                return False
+            if self.returncode is not None:
+                return True
+            time.sleep(0.05)
+        return True
+
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Until GET /api/meta answers 200; fails with the output if the process dies first."""
         deadline = time.monotonic() + timeout
@@ -158,6 +180,13 @@ class Server:
                     pytrace=False,
                 )
             time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
 
     def stop(self) -> int | None:
         """SIGTERM (gunicorn's graceful stop), wait, then SIGKILL the whole process group."""
@@ -259,15 +288,13 @@ def _running(
         server = Server(name, cmd_for_port(port), child_env(extra), cwd or tmp_path, log_path, port)
         server.start()
         try:
+            # Another test's server took the port between free_port() and the bind: the start
+            # goes again on another port (gunicorn would only retry the same one for 5 s).
+            if not server.wait_listening() and attempt + 1 < attempts:
+                server.kill()  # it has no worker yet, and would not stop before giving up
+                continue
             if ready == "http":
-                try:
-                    server.wait_ready()
-                except pytest.fail.Exception:
-                    # Someone took the port between free_port() and the bind: try another.
-                    if "Address already in use" in server.output and attempt + 1 < attempts:
-                        server.stop()
-                        continue
-                    raise
+                server.wait_ready()
             yield server
             return
         finally:

@@ -437,14 +437,23 @@ def own_postgres() -> Iterator[OwnPostgres]:
         )
         if result.returncode != 0:
             pytest.fail(f"initdb failed: {result.stdout}{result.stderr}", pytrace=False)
-        port = free_port()
-        with open(directory / "data" / "postgresql.conf", "a") as conf:
-            conf.write(
-                f"\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{directory}'\nfsync = off\n"
-            )
-        server = OwnPostgres(pg_ctl, directory, port)
-        server.start()
+        for attempt in range(3):
+            port = free_port()
+            with open(directory / "data" / "postgresql.conf", "a") as conf:  # the last port wins
+                conf.write(
+                    f"\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
+                    f"unix_socket_directories = '{directory}'\nfsync = off\n"
+                )
+            server = OwnPostgres(pg_ctl, directory, port)
+            try:
+                server.start()
+                break
+            except pytest.fail.Exception:
+                # Another test's server took the port between free_port() and the bind.
+                log = (directory / "postgres.log").read_text(errors="replace")
+                if "Address already in use" not in log or attempt == 2:
+                    raise
+                (directory / "postgres.log").unlink()
         yield server
     finally:
         if server is not None:

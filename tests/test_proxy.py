@@ -108,16 +108,6 @@ def nginx(upstream: Server, tmp_path: Path) -> Iterator[Nginx]:
     root = tmp_path / "nginx"
     conf = root / "conf"
     conf.mkdir(parents=True)
-    port = free_port()
-    site = SITE.read_text()
-    for placeholder, value in {
-        "@UPSTREAM@": f"{HOST}:{upstream.port}",
-        "@LISTEN@": f"{HOST}:{port}",
-        "@NAME@": "localhost",
-    }.items():
-        assert placeholder in site
-        site = site.replace(placeholder, value)
-    (conf / SITE.name).write_text(site)
     shutil.copy(PROXY_CONF, conf / PROXY_CONF.name)
     temp = "\n".join(
         f"    {kind}_temp_path {root / kind};"
@@ -135,36 +125,65 @@ def nginx(upstream: Server, tmp_path: Path) -> Iterator[Nginx]:
         "}\n"
     )
     log = open(root / "stdout.log", "wb")
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf / "nginx.conf"), "-p", str(root),
-         "-g", f"daemon off; pid {root / 'nginx.pid'};"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc: subprocess.Popen[bytes] | None = None
 
     def describe() -> str:
-        parts = [f"nginx returncode {proc.poll()}"]
+        parts = [f"nginx returncode {proc and proc.poll()}"]
         for name in ("stdout.log", "error.log"):
             with contextlib.suppress(FileNotFoundError):
                 parts.append(f"--- {name} ---\n{(root / name).read_text()[-4000:]}")
         return "\n".join(parts)
 
+    def start(port: int) -> subprocess.Popen[bytes]:
+        site = SITE.read_text()
+        for placeholder, value in {
+            "@UPSTREAM@": f"{HOST}:{upstream.port}",
+            "@LISTEN@": f"{HOST}:{port}",
+            "@NAME@": "localhost",
+        }.items():
+            assert placeholder in site
+            site = site.replace(placeholder, value)
+        (conf / SITE.name).write_text(site)
+        return subprocess.Popen(
+            [binary, "-c", str(conf / "nginx.conf"), "-p", str(root),
+             "-g", f"daemon off; pid {root / 'nginx.pid'};"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def said(text: str) -> int:
+        """How often nginx has logged ``text`` so far."""
+        with contextlib.suppress(FileNotFoundError):
+            return (root / "error.log").read_text().count(text)
+        return 0
+
+    # Another test's server can take the port between free_port() and nginx's bind: nginx then
+    # starts again on another port. Until nginx says it has bound its port, an answer on that
+    # port may come from that other server: no request before.
     try:
-        proxy = Nginx(port)
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
+        for attempt in range(3):
+            taken, bound = said("Address already in use"), said("start worker processes")
+            port = free_port()
+            proc = start(port)
+            proxy = Nginx(port)
+            deadline = time.monotonic() + 15
+            while proc.poll() is None:
+                if said("start worker processes") > bound:
+                    try:
+                        if proxy.get("/api/meta").status == 200:
+                            break
+                    except requests.RequestException:
+                        pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"nginx did not answer\n{describe()}", pytrace=False)
+                time.sleep(0.1)
+            if proc.poll() is None:
+                break
+            if said("Address already in use") == taken or attempt == 2:
                 pytest.fail(f"nginx stopped\n{describe()}", pytrace=False)
-            try:
-                if proxy.get("/api/meta").status == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"nginx did not answer\n{describe()}", pytrace=False)
-            time.sleep(0.1)
         yield proxy
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
             try:
                 proc.wait(10)
