@@ -238,6 +238,11 @@ class Connection:
                 length = int(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
+        if status in (204, 304) or status < 200:  # no body, whatever the headers say
+            self.buf = rest
+            if close:
+                self.close()
+            return status, b""
         if length is None:  # no length: the body runs until the server closes
             self.buf = rest
             with contextlib.suppress(EOFError):
