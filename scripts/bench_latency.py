@@ -105,6 +105,7 @@ STUDY_TRIALS = 1000
 SWEEP_CHANGED = (100, 1000)
 FIRST_START_NOTES = 10_000
 WARMUP = 5
+MIN_LEG_REQUESTS = 4
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -460,9 +461,14 @@ def bench_passthrough(url: str, tmp: Path, args: argparse.Namespace) -> list[Pas
                         for name, s in (("ours", ours), ("bare", bare))}
                 ports = {"ours": ours.port, "bare": bare.port}
                 for name in raws:  # warm: caches filled, code paths hot
-                    servers.hammer(ports[name], raws[name], 20, args.concurrency)
-                per_request = servers.hammer(bare.port, raws["bare"], 20, args.concurrency) / 20
-                n = max(20, min(20_000, round(args.leg / per_request)))
+                    servers.hammer(ports[name], raws[name], 2 * args.concurrency,
+                                   args.concurrency)
+                # As many requests as take about --leg seconds on the bare dashboard (a page
+                # load costs it ~0.1 s of CPU: it checks the schema's Alembic revision each time).
+                took = servers.hammer(bare.port, raws["bare"], 2 * args.concurrency,
+                                      args.concurrency)
+                n = max(MIN_LEG_REQUESTS,
+                        min(20_000, round(args.leg / (took / (2 * args.concurrency)))))
                 legs: dict[str, list[Leg]] = {"ours": [], "bare": []}
                 for r in range(args.rounds):
                     for name in (("ours", "bare") if r % 2 == 0 else ("bare", "ours")):
