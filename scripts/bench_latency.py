@@ -549,7 +549,7 @@ SAVE_KINDS = ("bare", "bare_trigger", "hitl_plain", "hitl_prune")
 
 def bench_saves(bare_url: str, hitl_url: str, args: argparse.Namespace) -> list[dict[str, float]]:
     """Per round, the median ms of each kind of save."""
-    n_running = args.rounds * args.saves + WARMUP
+    n_running = args.save_rounds * args.saves + WARMUP
     bare_db = NoteSaver(build_study(bare_url, "saves", STUDY_TRIALS, n_running,
                                     note_running=True))
     hitl_db = NoteSaver(build_study(hitl_url, "saves", STUDY_TRIALS, n_running,
@@ -568,7 +568,7 @@ def bench_saves(bare_url: str, hitl_url: str, args: argparse.Namespace) -> list[
         for run in runs.values():
             run()
     rounds = []
-    for _ in range(args.rounds):
+    for _ in range(args.save_rounds):
         samples: dict[str, list[float]] = {kind: [] for kind in runs}
         for _ in range(args.saves):  # interleaved, so drift hits all four alike
             for kind, run in runs.items():
@@ -618,12 +618,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=None,
                         help="idle CPU window (default 20; 10 quick)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="pass-through and save rounds (default 8; 4 quick)")
+                        help="pass-through rounds (default 8; 4 quick)")
     parser.add_argument("--leg", type=float, default=None,
                         help="seconds of requests per server per round and endpoint "
                         "(default 1.0; 0.4 quick)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="keep-alive connections in the pass-through section (default 2)")
+    parser.add_argument("--save-rounds", type=int, default=None,
+                        help="rounds of the saves section (default 5; 3 quick)")
     parser.add_argument("--saves", type=int, default=20,
                         help="saves per kind per round in the saves section (default 20)")
     parser.add_argument("--repeat", type=int, default=20,
@@ -639,6 +641,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.idle_seconds = args.idle_seconds or (10.0 if quick else 20.0)
     args.rounds = args.rounds or (4 if quick else 8)
     args.leg = args.leg or (0.4 if quick else 1.0)
+    args.save_rounds = args.save_rounds or (3 if quick else 5)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     for name in args.backends:
@@ -684,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
           f"and HITL_PORT (--interval {DEFAULT_INTERVAL:g} s); notes={args.notes}, "
           f"poll={args.poll * 1000:g} ms, idle: 1,000 and {args.trials:,} trials over "
           f"{args.idle_seconds:g} s; pass-through: {args.rounds} rounds x {args.leg:g} s legs, "
-          f"{args.concurrency} connections; saves: {args.rounds} rounds x {args.saves}")
+          f"{args.concurrency} connections; saves: {args.save_rounds} rounds x {args.saves}")
     for message in skipped:
         print(f"- SKIPPED {message}")
     sys.stdout.flush()
@@ -692,39 +695,51 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     with tempfile.TemporaryDirectory(prefix="hitl-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        if "latency" in args.only:
+
+        def each(what: str, run: Callable[[str], Any]) -> dict[str, Any]:
+            """run(backend) on every backend; one whose server went away is skipped."""
             results = {}
             for backend in backends:
-                progress(f"{backend}: note -> state changed")
+                progress(f"{backend}: {what}")
+                try:
+                    results[backend] = run(backend)
+                except Unavailable as exc:
+                    if args.require_all:
+                        raise SystemExit(f"error: {backend} ({what}): {exc} (--require-all)")
+                    print(f"- SKIPPED {backend} ({what}): {exc}", flush=True)
+            return results
+
+        if "latency" in args.only:
+            def latency(backend: str) -> Latencies:
                 with database(backend, tmp) as url:
-                    results[backend] = bench_notes(url, tmp, args, rng)
-            failures += report_latency(results, args)
+                    return bench_notes(url, tmp, args, rng)
+
+            failures += report_latency(each("note -> state changed", latency), args)
         if "sweep" in args.only:
-            sweeps = {}
-            for backend in backends:
-                progress(f"{backend}: sweep cost")
+            def sweep(backend: str) -> list[SweepCost]:
                 with database(backend, tmp) as url, database(backend, tmp) as first_url:
-                    sweeps[backend] = bench_sweep(url, first_url, args)
-            failures += report_sweep(sweeps)
+                    return bench_sweep(url, first_url, args)
+
+            failures += report_sweep(each("sweep cost", sweep))
         if "idle" in args.only:
-            idle: dict[str, list[IdleCpu]] = {}
-            for backend in backends:
-                idle[backend] = []
+            def idle(backend: str) -> list[IdleCpu]:
+                runs = []
                 for n in (STUDY_TRIALS, args.trials):
                     progress(f"{backend}: idle CPU at {n:,} trials")
                     with database(backend, tmp) as url:
-                        idle[backend].append(bench_idle(url, n, tmp, args))
-            failures += report_idle(idle, args)
+                        runs.append(bench_idle(url, n, tmp, args))
+                return runs
+
+            failures += report_idle(each("idle CPU", idle), args)
         if "passthrough" in args.only:
             with database("sqlite", tmp) as url:
                 failures += report_passthrough(bench_passthrough(url, tmp, args), args)
         if "saves" in args.only:
-            saves = {}
-            for backend in backends:
-                progress(f"{backend}: note-save ratios")
+            def saves(backend: str) -> list[dict[str, float]]:
                 with database(backend, tmp) as bare_url, database(backend, tmp) as url:
-                    saves[backend] = bench_saves(bare_url, url, args)
-            failures += report_saves(saves, args)
+                    return bench_saves(bare_url, url, args)
+
+            failures += report_saves(each("note-save ratios", saves), args)
 
     load_end = os.getloadavg()
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s; load average at the end "
@@ -834,9 +849,10 @@ def report_passthrough(results: list[PassThrough], args: argparse.Namespace) -> 
 
 
 def report_saves(saves: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> int:
-    print(f"\n## Note save, in process (WSGI calls), ms: medians of {args.rounds} interleaved "
-          f"rounds of {args.saves} saves per kind; ratios to the bare dashboard's plain save on "
-          "a database without hitl-pruner (pooled: ratio of the medians; per-round min-max)\n")
+    print(f"\n## Note save, in process (WSGI calls), ms: median over {args.save_rounds} "
+          f"interleaved rounds of the median of {args.saves} saves per kind; ratios to the bare "
+          "dashboard's plain save on a database without hitl-pruner, with the per-round "
+          "min-max\n")
     rows = []
     failures = 0
     for backend, rounds in saves.items():
