@@ -284,8 +284,9 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def hammer(port: int, raw: bytes, n: int, concurrency: int) -> float:
-    """Send the request n times over `concurrency` keep-alive connections; the wall time.
+def hammer(port: int, raw: bytes, n: int, concurrency: int) -> tuple[float, list[float]]:
+    """Send the request n times over `concurrency` keep-alive connections; the wall time,
+    and each request's time.
 
     Every answer must be a 200; the connections are opened before the clock starts.
     """
@@ -294,13 +295,17 @@ def hammer(port: int, raw: bytes, n: int, concurrency: int) -> float:
         conn._connect()
     shares = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
     errors: list[BaseException] = []
+    times: list[float] = []
     start_line = threading.Barrier(concurrency + 1)
 
     def run(conn: Connection, count: int) -> None:
+        clock = time.perf_counter
         try:
             start_line.wait()
             for _ in range(count):
+                sent = clock()
                 status, body = conn.request(raw)
+                times.append(clock() - sent)
                 if status != 200:
                     raise RuntimeError(f"answered {status}: {body[:200]!r}")
         except BaseException as exc:  # reported by the caller
@@ -318,4 +323,4 @@ def hammer(port: int, raw: bytes, n: int, concurrency: int) -> float:
         conn.close()
     if errors:
         raise RuntimeError(f"{raw.split(b' HTTP')[0].decode()}: {errors[0]}")
-    return took
+    return took, times
