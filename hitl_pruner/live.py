@@ -103,7 +103,7 @@ class SqlFeed:
             sa.select(c.id, c.study_id, c.trial_id, c.trial_number, c.to_state)
             .where(c.id > sa.bindparam("since"))
             .order_by(c.id)
-            .limit(sa.bindparam("limit"))
+            .limit(sa.bindparam("limit", type_=sa.Integer))
         )
         self._studies = (
             sa.select(c.study_id)
