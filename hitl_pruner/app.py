@@ -10,12 +10,14 @@ from optuna.storages import BaseStorage
 from optuna.storages import JournalStorage
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 import sqlalchemy as sa
 
 from . import dashboard
 from . import lock
 from . import wake
 from .applier import Applier
+from .audit import AuditEntry
 from .auth import AuthMiddleware
 from .auth import Refusals
 from .commands import CommandParser
@@ -125,7 +127,7 @@ def build_applier(
     storage: BaseStorage,
     store: SqlStore | ApiStore,
     *,
-    on_change: Callable[[int], None] = lambda study_id: None,
+    on_change: Callable[[int, list[AuditEntry]], None] = lambda study_id, entries: None,
 ) -> Applier:
     """The one applier of the server and of scripts (script.py): the same allow-list,
     refusals, retroactive and dry-run rules, grace and study filter, from the same Settings."""
@@ -162,7 +164,11 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     dashboard_app = dashboard.create(storage, settings.artifact_dir)
     applier = build_applier(
         settings, storage, store,
-        on_change=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
+        # The dashboard's cache is brought up to date by the watcher below, on its next read.
+        on_change=lambda study_id, entries: watcher.changed(
+            study_id, [e.trial_id for e in entries],
+            search_space=any(TrialState.FAIL in (e.from_state, e.to_state) for e in entries),
+        ),
     )
     if isinstance(storage, RDBStorage):
         sweep_lock = lock.for_engine(storage.engine)
@@ -186,7 +192,7 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
     # Changes made by other processes reach this one's dashboard cache too (live.py).
     watcher = AuditWatcher(
         dashboard_app, feed=feed_for(store),
-        forget=lambda study_id: dashboard.forget_study(dashboard_app, study_id),
+        storage=storage,
     )
     hitl = HitlMiddleware(
         watcher,

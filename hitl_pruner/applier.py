@@ -88,7 +88,7 @@ class Applier:
         dry_run: bool = False,
         studies: frozenset[str] = frozenset(),
         grace: float = 30.0,
-        on_change: Callable[[int], None] = lambda study_id: None,
+        on_change: Callable[[int, list[AuditEntry]], None] = lambda study_id, entries: None,
         allowed_users: frozenset[str] | None = None,
         refusals: Refusals | None = None,
     ) -> None:
@@ -408,16 +408,16 @@ class Applier:
             logger.info("%d of %d trials changed while we acted; applying them one at a time",
                         len(lost), len(changes))
         outcomes: dict[int, Outcome] = {}
-        changed: set[int] = set()
+        changed: dict[int, list[AuditEntry]] = {}
         for change in changes:
             if change.ref.trial_id in lost:
                 outcomes[change.ref.trial_id] = self._write(change, retry=True)
                 continue
             logger.info("changed %s", change.entry.describe())
-            changed.add(change.entry.study_id)
+            changed.setdefault(change.entry.study_id, []).append(change.entry)
             outcomes[change.ref.trial_id] = change.outcome()
-        for study_id in changed:  # once per study, however many of its trials changed
-            self._on_change(study_id)
+        for study_id, entries in changed.items():  # once per study, however many trials
+            self._on_change(study_id, entries)
         return outcomes
 
     def _again(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
@@ -464,7 +464,8 @@ class Applier:
                 f"{what}: asked its worker; forced after {self.grace:g} s if it has not ended "
                 "the trial", ref.trial_id, TrialState.RUNNING, target,
             )
-        self._on_change(ref.study_id)  # the sweep may be another server's: refresh our cache
+        # The sweep may be another server's: refresh our cache.
+        self._on_change(ref.study_id, [claimed])
         logger.info("recorded as the note save's: %s", claimed.describe())
         if claimed.how == FORCED:
             reason = (
@@ -575,7 +576,7 @@ class Applier:
         if verdict is Settle.BY_WORKER:
             if self.store.settle(request, entry):
                 logger.info("changed %s", entry.describe())
-                self._on_change(request.study_id)
+                self._on_change(request.study_id, [entry])
             return Outcome("applied", "ended by its worker on request", request.trial_id,
                            TrialState.RUNNING, request.target)
         # Settle.DROP
@@ -597,7 +598,7 @@ class Applier:
             )
             return False
         logger.info("changed %s", entry.describe())
-        self._on_change(entry.study_id)
+        self._on_change(entry.study_id, [entry])
         return True
 
 

@@ -34,8 +34,10 @@ from typing import Callable
 from typing import Iterable
 from typing import Protocol
 
+from optuna.storages import BaseStorage
 import sqlalchemy as sa
 
+from . import dashboard
 from . import outage
 from .journal import ApiStore
 from .rdb import SqlStore
@@ -54,6 +56,10 @@ CHECK_EVERY = 0.25
 # The dashboard's routes that read its trial cache (study detail, param importances ...); not
 # the study list (/api/studies), which reads the storage each time.
 CACHED_ROUTES = "/api/studies/"
+# A study with more changed trials than this is read whole again, not trial by trial.
+REFRESH_AT_MOST = 20
+# Audit records read per look; more than this, and the changed studies are read whole again.
+REFRESH_READ = 200
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -165,14 +171,18 @@ def feed_for(store: SqlStore | ApiStore) -> Feed:
 
 
 class AuditWatcher:
-    """Around the dashboard: forget the studies changed elsewhere before it reads its cache.
+    """Around the dashboard: refresh the trials changed elsewhere before it reads its cache.
 
     On a GET of a route that reads the dashboard's trial cache (and on every changes poll,
     through :meth:`check`), at most every ``check_every`` seconds per process, one query reads
-    the newest audit cursor; when it moved, the studies with new records are forgotten
-    (``forget(study_id)``) before the dashboard answers. The first check only notes the cursor.
-    A request that comes while another thread checks does not wait for it. A failed check is
-    logged and leaves the request to the dashboard, which meets the same database.
+    the newest audit cursor; when it moved, the trials with new records are read again into
+    the dashboard's cache (``dashboard.refresh_trials``) before the dashboard answers. This
+    process's own changes come through :meth:`changed` and are refreshed the same way, on the
+    next such request rather than on the request that made them. A study with many changed
+    trials is forgotten instead: reading it whole once costs less than many single reads. The
+    first check only notes the cursor. A request that comes while another thread checks does
+    not wait for it. A failed check is logged and leaves the request to the dashboard, which
+    meets the same database.
 
     Attributes it does not have are the wrapped app's (``app._inmemory_cache`` ...).
     """
@@ -182,19 +192,23 @@ class AuditWatcher:
         application: WSGIApplication,
         *,
         feed: Feed,
-        forget: Callable[[int], None],
+        storage: BaseStorage,
         check_every: float = CHECK_EVERY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.application = application
         self.feed = feed
-        self._forget = forget
+        self._storage = storage
         self._check_every = check_every
         self._clock = clock
         self._lock = threading.Lock()
         self._due = 0.0
         self._seen: int | None = None
         self._failing = False
+        # study id -> (trial ids to read again, None: the whole study; whether its search
+        # space may have changed)
+        self._stale: dict[int, tuple[set[int] | None, bool]] = {}
+        self._stale_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         if name == "application":  # not set yet: no wrapped app to ask
@@ -205,14 +219,34 @@ class AuditWatcher:
         # Cheapest test first: most requests are for other routes.
         if (
             environ.get("PATH_INFO", "").startswith(CACHED_ROUTES)
-            and self._clock() >= self._due
+            and (self._stale or self._clock() >= self._due)
             and environ.get("REQUEST_METHOD") == "GET"
         ):
             self.check()
         return self.application(environ, start_response)
 
+    def changed(self, study_id: int, trial_ids: Iterable[int] | None, *,
+                search_space: bool) -> None:
+        """These trials changed (None: any of the study's): read them again before the
+        dashboard next reads its cache. ``search_space``: a trial entered or left FAIL."""
+        with self._stale_lock:
+            trials, space = self._stale.get(study_id, (set(), False))
+            if trials is not None and trial_ids is not None:
+                trials = trials | set(trial_ids)
+                if len(trials) > REFRESH_AT_MOST:
+                    trials = None
+            else:
+                trials = None
+            self._stale[study_id] = (trials, space or search_space)
+
     def check(self) -> None:
-        """Forget the studies changed since the last check; nothing when that was just now."""
+        """Note the changes made since the last look (nothing when that was just now), and
+        refresh every trial known to have changed."""
+        self._look()
+        if self._stale:
+            self._refresh()
+
+    def _look(self) -> None:
         now = self._clock()
         if now < self._due or not self._lock.acquire(blocking=False):
             return
@@ -222,8 +256,14 @@ class AuditWatcher:
             self._due = now + self._check_every
             latest = self.feed.latest()
             if self._seen is not None and latest > self._seen:
-                for study_id in sorted(self.feed.studies_after(self._seen, latest)):
-                    self._forget(study_id)
+                news = [c for c in self.feed.after(self._seen, REFRESH_READ) if c.id <= latest]
+                if len(news) < REFRESH_READ:
+                    for change in news:
+                        self.changed(change.study_id, [change.trial_id],
+                                     search_space=change.to_state != "PRUNED")
+                else:  # a flood: forget whole studies
+                    for study_id in self.feed.studies_after(self._seen, latest):
+                        self.changed(study_id, None, search_space=True)
             self._seen = latest
             self._failing = False
         except Exception as exc:
@@ -234,3 +274,19 @@ class AuditWatcher:
             self._failing = True
         finally:
             self._lock.release()
+
+    def _refresh(self) -> None:
+        with self._stale_lock:
+            stale, self._stale = self._stale, {}
+        app = self.application
+        for study_id, (trials, search_space) in stale.items():
+            try:
+                if trials is None:
+                    dashboard.forget_study(app, study_id)
+                else:
+                    dashboard.refresh_trials(app, self._storage, study_id, trials,
+                                             search_space=search_space)
+            except Exception:
+                # A trial deleted meanwhile, or the database away: the dashboard reads the
+                # study whole on its next request, and meets the same database.
+                dashboard.forget_study(app, study_id)

@@ -126,7 +126,7 @@ def test_100_changed_notes_are_applied_in_at_most_15_statements_with_one_audit_r
     notes.update({tid: "FAIL: bad split" for tid in complete})
     write_notes(storage_url, study_id, notes)
     cleared: list[int] = []
-    app.applier._on_change = cleared.append
+    app.applier._on_change = lambda study_id, entries: cleared.append(study_id)
 
     with Statements(app.store.engine) as statements:
         stats = app.sweeper.run_once()
