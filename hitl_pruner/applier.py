@@ -160,15 +160,23 @@ class Applier:
             return Outcome(
                 "not monitored", f"study {ref.study_name!r} is outside --study", ref.trial_id
             )
+        command = self.parser.parse(note.body)
         if source != SWEEP:
             # Read before the dashboard saved the note: the sweep or the worker may have changed
             # the trial since, and this answer takes the note off the sweep's queue.
             fresh = self.store.trials([ref.trial_id]).get(ref.trial_id)
             if fresh is None:
                 return Outcome("nothing to do", "the trial is gone", ref.trial_id)
+            if command is None and not self.needs_history(ref) and not self.needs_history(fresh):
+                # Most saves: no command, on a trial we never ended. Nothing to do now; nothing
+                # the sweep can have done for this note meanwhile (no record to claim), nor can
+                # do later (the note stays on its queue, and the sweep finds the same), so the
+                # save costs no write of ours.
+                decision, _ = self._decide(fresh, None, None, source=source)
+                return Outcome(decision.action.value, decision.reason, fresh.trial_id)
             ref = fresh
         outcome = self._carry_out(
-            ref, self.parser.parse(note.body), note.version,
+            ref, command, note.version,
             source=source, user=user, last_change=last_change,
             refusal=self._refusal(ref, note, source, user),
         )
