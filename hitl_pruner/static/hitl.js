@@ -70,9 +70,8 @@
     }
   }
 
-  // trial_id -> {studyId, number, state: "Pruned", live}: states the server reported (after a
-  // note save, or in the study's changes) that the dashboard does not show yet. `live` is the
-  // change's audit id, for changes from elsewhere.
+  // trial_id -> {studyId, number, state: "Pruned"}: states the server reported (after a note
+  // save, or in the study's changes) that the dashboard does not show yet.
   const overrides = new Map();
   // `${trialId}:${state}` -> Promise of /hitl/api/studies/<sid>/<tid>, for the buttons.
   const trialInfo = new Map();
@@ -317,13 +316,14 @@
   const LIVE_RETRY_MS = 5000;
   // Audit ids are handed out before commit, so a record can become visible a moment after one
   // with a higher id (two servers writing at once). Each poll asks again from the cursor as it
-  // was this long ago, and skips the records it has seen.
+  // was this long ago; a record seen before changes nothing, unless a note save's answer that
+  // was under way meanwhile put an older state on screen.
   const LATE_COMMIT_MS = 2000;
   const live = {
     cursor: null, // the server's "latest": records up to it have been asked for
     left: [], // [{cursor, at}]: cursors moved past within LATE_COMMIT_MS, oldest first
     resume: null, // the answer stopped at its limit ("more"): go on from here at once
-    seen: new Map(), // `${id}:${trial_id}` -> when it was seen
+    newest: new Map(), // trial_id -> the id of its newest record seen
   };
 
   const forgetInfo = (trialId) => {
@@ -344,17 +344,20 @@
     return live.left.length ? live.left[0].cursor : live.cursor;
   };
 
-  // A record of this study: its trial shows the record's state (a newer record of the same
-  // trial wins; records come oldest first).
-  const liveChange = (studyId, change, now) => {
-    const key = `${change.id}:${change.trial_id}`;
+  // A record of this study: its trial shows the record's state, unless a newer record of the
+  // trial was seen. Seen before, it stands in again only for a different state on screen.
+  const liveChange = (studyId, change) => {
     const state = LABELS[change.to_state];
-    const o = overrides.get(change.trial_id);
-    if (live.seen.has(key) || !state || (o && o.live > change.id)) {
+    const newest = live.newest.get(change.trial_id);
+    if (!state || (newest !== undefined && newest > change.id)) {
       return false;
     }
-    live.seen.set(key, now);
-    overrides.set(change.trial_id, { studyId, number: change.number, state, live: change.id });
+    live.newest.set(change.trial_id, change.id);
+    const o = overrides.get(change.trial_id);
+    if (newest === change.id && (!o || o.state === state)) {
+      return false;
+    }
+    overrides.set(change.trial_id, { studyId, number: change.number, state });
     forgetInfo(change.trial_id);
     return true;
   };
@@ -380,7 +383,7 @@
     const data = await res.json();
     let changed = false;
     for (const change of data.changes) {
-      changed = liveChange(studyId, change, now) || changed;
+      changed = liveChange(studyId, change) || changed;
     }
     if (live.cursor === null || data.latest > live.cursor) {
       if (live.cursor !== null) {
@@ -389,25 +392,23 @@
       live.cursor = data.latest;
     }
     live.resume = data.more ? data.latest : null;
-    for (const [key, at] of live.seen) {
-      if (now - at > 5 * LATE_COMMIT_MS) {
-        live.seen.delete(key);
-      }
-    }
     if (changed) {
       decorate();
     }
     return data.more ? 0 : LIVE_EVERY_MS;
   };
 
+  // Polls start every half second (or as soon as the previous answer came, when it took
+  // longer): a slow answer does not add to the wait.
   const liveLoop = async () => {
+    const started = performance.now();
     let wait = LIVE_RETRY_MS;
     try {
       wait = await pollLive();
     } catch (e) {
       // The server is away (restarting, or the database is): the dashboard says so; try later.
     }
-    setTimeout(liveLoop, wait);
+    setTimeout(liveLoop, Math.max(0, wait - (performance.now() - started)));
   };
 
   /* -- the buttons ------------------------------------------------------------------------ */
