@@ -634,8 +634,13 @@ def test_sweep_runs_in_gunicorn_workers(
     assert reply.status == 204, reply
     assert db.state(ids["complete"]) == TrialState.FAIL
     logged = changes_logged(server)
+    # The sweep wakes on the note write, so it may carry out the saved note a moment before the
+    # save's own apply does; the save then records the sweep's change as its own (one audit row,
+    # its answer "applied") and says so in the log.
+    claimed = "recorded as the note save's" in server.output
+    swept_the_save = reply.outcome["action"] != "applied" or claimed
     assert sorted(int(c["tid"]) for c in logged if c["via"] == "sweep") == sorted(
-        [*commands, *([ids["complete"]] if reply.outcome["action"] != "applied" else [])]
+        [*commands, *([ids["complete"]] if swept_the_save else [])]
     )
     assert {int(c["pid"]) for c in logged} <= workers
     assert server.pid not in {int(c["pid"]) for c in logged}
