@@ -467,11 +467,11 @@ class Applier:
                 ref.study_name, ref.number, ref.trial_id, target.name,
                 actor(source, user, note_version),
             )
-            return Outcome(
-                Action.ASK.value,
-                f"{what}: asked its worker; forced after {self.grace:g} s if it has not ended "
-                "the trial", ref.trial_id, TrialState.RUNNING, target,
-            )
+            # The answer the save would have given had it asked first: whoever asked, the
+            # human reads the same, with why the worker was asked.
+            worker = self.store.worker(ref, alive_for=worker_alive_for(self.grace))
+            return Outcome(Action.ASK.value, self._asked(worker.evidence), ref.trial_id,
+                           TrialState.RUNNING, target)
         # The sweep may be another server's: refresh our cache.
         self._on_change(ref.study_id, [claimed])
         logger.info("recorded as the note save's: %s", claimed.describe())
@@ -530,12 +530,12 @@ class Applier:
             return Outcome("dry run", "would ask its worker", ref.trial_id, ref.state, target)
         self.store.ask(request, replaces)
         logger.info("%s", what)
-        return Outcome(
-            Action.ASK.value,
-            f"asked its worker ({evidence}); forced after {self.grace:g} s" if evidence
-            else f"asked its worker; forced after {self.grace:g} s",
-            ref.trial_id, ref.state, target,
-        )
+        return Outcome(Action.ASK.value, self._asked(evidence), ref.trial_id, ref.state, target)
+
+    def _asked(self, evidence: str) -> str:
+        """The answer to a human whose command asked the trial's worker."""
+        return (f"asked its worker ({evidence}); forced after {self.grace:g} s" if evidence
+                else f"asked its worker; forced after {self.grace:g} s")
 
     def settle(self, request: Request, state: TrialState | None,
                now: datetime.datetime) -> Outcome:
