@@ -122,6 +122,26 @@ def test_dry_run_sweep_changes_nothing_and_leaves_the_queue_for_later(storage_ur
     assert real.sweeper.run_once().applied == 1
 
 
+def test_a_dry_run_sweep_between_the_version_and_the_text_write_still_says_the_command(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: a dry run remembered a note as said by its version alone, so a sweep that
+    read the new version before its text (common once the sweep wakes on the first write)
+    never said what the note would do."""
+    study, ids = make_study(sqlite_url)
+    dry = app_for(sqlite_url, dry_run=True)
+    dry.sweeper.run_once()
+    storage = RDBStorage(sqlite_url)
+    tid = ids["running"]
+    storage.set_study_system_attr(study._study_id, note_ver_key(tid), 1)
+    dry.sweeper.run_once()  # reads version 1 with no text yet
+    storage.set_study_system_attr(study._study_id, f"{note_str_key_prefix(tid)}0", "PRUNE")
+    with caplog.at_level(logging.INFO, logger="hitl_pruner"):
+        dry.sweeper.run_once()
+    assert "dry run, would change" in caplog.text
+    assert state(sqlite_url, tid) is TrialState.RUNNING
+
+
 def test_the_study_filter_applies_to_the_sweep(storage_url: str) -> None:
     a, ids_a = make_study(storage_url, "a")
     b, ids_b = make_study(storage_url, "b")
