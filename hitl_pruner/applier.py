@@ -29,6 +29,7 @@ from .requests import settle
 from .requests import worker_alive_for
 from .store import LostRace
 from .store import Note
+from .store import NoteSaver
 from .store import Store
 from .store import TrialRef
 from .transitions import Action
@@ -162,7 +163,7 @@ class Applier:
             )
         command = self.parser.parse(note.body)
         if source != SWEEP:
-            # Read before the dashboard saved the note: the sweep or the worker may have changed
+            # Read before the note was saved: the sweep or the worker may have changed
             # the trial since, and this answer takes the note off the sweep's queue.
             fresh = self.store.trials([ref.trial_id]).get(ref.trial_id)
             if fresh is None:
@@ -187,6 +188,42 @@ class Applier:
                 logger.warning("could not take note v%d of trial id %d off the sweep's queue "
                                "(%s)", note.version, ref.trial_id, exc)
         return outcome
+
+    @property
+    def saves_notes(self) -> bool:
+        """Whether note saves go through ``save`` (the store writes notes itself)."""
+        return isinstance(self.store, NoteSaver)
+
+    def save(self, ref: TrialRef, note: Note, *, user: str | None) -> Outcome | Note | None:
+        """Save a note from the dashboard's editor, as its note API would, in one transaction;
+        when the note forces a state, with the change and its audit row in that transaction.
+
+        ``ref`` is the trial as read just now. Returns the outcome when the note was applied
+        with its save (the sweep never sees it); the stored note when ``note.version`` is not
+        its version + 1 (nothing is saved: the dashboard's 409); None when the note was saved
+        alone, for the caller to ``apply(ref, note, source=NOTE_SAVE)`` as after any save:
+        nothing to do, asking the worker, a refusal, a dry run, a trial that changed under us.
+        """
+        store = self.store
+        assert isinstance(store, NoteSaver), "saves_notes is False: the dashboard saves notes"
+        command = self.parser.parse(note.body)
+        if (command is not None and self.monitors(ref.study_name) and not self.dry_run
+                and self._refusal(ref, note, NOTE_SAVE, user) is None):
+            decision, _ = self._decide(ref, command, None, source=NOTE_SAVE)
+            if decision.action is Action.APPLY:
+                change = _Change.of(ref, command, note.version, decision, source=NOTE_SAVE,
+                                    user=user)
+                try:
+                    stored = store.save_note(ref, note, change.entry)
+                except LostRace:
+                    pass  # the trial changed since we read it: save, then decide again
+                else:
+                    if stored is not None:
+                        return stored
+                    logger.info("changed %s", change.entry.describe())
+                    self._on_change(ref.study_id, [change.entry])
+                    return change.outcome()
+        return store.save_note(ref, note)
 
     def command(self, ref: TrialRef, command: Command, *, source: str,
                 user: str | None = None, note_version: int | None = None) -> Outcome:
@@ -374,26 +411,14 @@ class Applier:
                 # Another server, or our sweep, asked between our read and our write.
                 return self._again(ref, command, note_version, source=source, user=user,
                                    retry=retry)
-        entry = AuditEntry(
-            study_id=ref.study_id,
-            study_name=ref.study_name,
-            trial_id=ref.trial_id,
-            trial_number=ref.number,
-            from_state=decision.source,
-            to_state=decision.target,
-            note_version=note_version,
-            user=user,
-            source=source,
-            retroactive=decision.retroactive,
-            undo=decision.undo,
-        )
+        change = _Change.of(ref, command, note_version, decision, source=source, user=user)
         if self.dry_run:
-            logger.info("dry run, would change %s", entry.describe())
+            logger.info("dry run, would change %s", change.entry.describe())
             return Outcome(
                 "dry run", f"would change: {decision.reason}", ref.trial_id,
                 decision.source, decision.target,
             )
-        return _Change(ref, command, entry, decision)
+        return change
 
     def _write(self, change: _Change, *, retry: bool) -> Outcome:
         """Force one change decided on, as a compare-and-set."""
@@ -636,6 +661,25 @@ class _Change:
     command: Command | None
     entry: AuditEntry
     decision: Decision
+
+    @classmethod
+    def of(cls, ref: TrialRef, command: Command | None, note_version: int | None,
+           decision: Decision, *, source: str, user: str | None) -> _Change:
+        assert decision.source is not None and decision.target is not None
+        entry = AuditEntry(
+            study_id=ref.study_id,
+            study_name=ref.study_name,
+            trial_id=ref.trial_id,
+            trial_number=ref.number,
+            from_state=decision.source,
+            to_state=decision.target,
+            note_version=note_version,
+            user=user,
+            source=source,
+            retroactive=decision.retroactive,
+            undo=decision.undo,
+        )
+        return cls(ref, command, entry, decision)
 
     def outcome(self) -> Outcome:
         decision = self.decision

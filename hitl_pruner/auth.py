@@ -240,7 +240,7 @@ class Refusals:
     """Note versions whose commands the allow-list refused, kept in the study's system attrs.
 
     One attr per refusal, ``hitl:refused:<trial_id>:<version>:<sha256 of the body>``, holding
-    the user; it is written before the dashboard saves the note, so no sweep can apply that
+    the user; it is written before the note is saved, so no sweep can apply that
     note in between. The body's hash keeps a concurrent save of the same version by someone
     else from being taken for the refused one.
     """

@@ -19,10 +19,14 @@ from optuna_dashboard._note import note_ver_key
 
 # How its note API saves a note: the version check, then version and text chunks.
 from optuna_dashboard._note import save_note_with_version
+
+# How it cuts a note's text into system attrs (of SYSTEM_ATTR_MAX_LENGTH characters).
+from optuna_dashboard._note import split_body
 from optuna_dashboard._note import version_is_incremented
 
 __all__ = [
     "create", "forget_study", "note_str_key_prefix", "note_ver_key", "refresh_trials", "save_note",
+    "split_body",
 ]
 
 

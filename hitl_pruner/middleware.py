@@ -27,6 +27,7 @@ from .routes import dashboard_path
 from .routes import mutating_route
 from .store import Note
 from .store import Store
+from .store import TrialRef
 from .sweep import Sweeper
 
 if TYPE_CHECKING:
@@ -41,6 +42,11 @@ MAX_TELL_REQUEST = 64 * 1024
 # The only bodies bottle reads as JSON (its request.json), compared as bottle compares them.
 JSON_TYPES = ("application/json", "application/json-rpc")
 OUTCOME_HEADER = "X-Hitl-Outcome"
+# The note API's answer to a save of another version than the stored one + 1, word for word
+# (optuna_dashboard/_app.py save_trial_note; tests/test_dashboard_internals.py checks it).
+NOTE_CHANGED = (
+    "The text you are editing has changed. Please copy your edits and refresh the page."
+)
 # optuna-dashboard lifts bottle's body limit to 128 MiB for artifact uploads, and stores a note
 # as one write per 2045 characters: a megabyte note would be ~500 transactions. Notes get less.
 MAX_NOTE_REQUEST = 100 * 1024
@@ -49,9 +55,11 @@ MAX_NOTE_REQUEST = 100 * 1024
 class HitlMiddleware:
     """Serve optuna-dashboard, and apply PRUNE/FAIL notes as they are saved.
 
-    ``PUT /api/studies/<study_id>/<trial_id>/note`` goes to the dashboard as always; when the
-    dashboard saved the note (204), the note's command is applied before the response leaves,
-    and the ``X-Hitl-Outcome`` header (JSON) says what happened.
+    ``PUT /api/studies/<study_id>/<trial_id>/note`` keeps the dashboard's answers (204, or 409
+    with the stored note). On a store that saves notes itself (an RDB: ``Applier.save``) we
+    save it, with the trial's change in the same transaction when the note forces one; on any
+    other, the dashboard saves it. Either way the note's command is applied before the response
+    leaves, and the ``X-Hitl-Outcome`` header (JSON) says what happened.
 
     ``POST /api/trials/<trial_id>/tell`` with state Fail (the dashboard's Fail Trial button) on
     a RUNNING or WAITING trial takes the same path as a FAIL note: a worker using
@@ -158,6 +166,8 @@ class HitlMiddleware:
         note = Note(request["version"], request["body"])
         user = environ.get("REMOTE_USER") or None
         self.applier.before_save(ref, note, user=user)
+        if self.applier.saves_notes:
+            return self._save_here(environ, start_response, ref, note, user)
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -167,26 +177,46 @@ class HitlMiddleware:
         body = list(self.app(environ, capture))
         headers = list(captured["headers"])
         if captured["status"].startswith("204"):
-            try:
-                outcome = self.applier.apply(
-                    ref,
-                    Note(request["version"], request["body"]),
-                    source="note-save",
-                    user=environ.get("REMOTE_USER") or None,
-                )
-                headers.append((OUTCOME_HEADER, outcome.header()))
-            except Exception as exc:
-                # The note is saved and queued: the sweep applies it once the database answers.
-                if outage.unavailable(exc):
-                    outage.report(environ, exc)  # once per outage, not per request
-                else:
-                    logger.exception("applying the note of trial id %d failed", trial_id)
-                headers.append(
-                    (OUTCOME_HEADER, json.dumps({"action": "error", "reason": "retried by sweep"}))
-                )
+            headers.append((OUTCOME_HEADER, self._apply_saved(environ, ref, note, user)))
         start_response(captured["status"], headers, captured["exc_info"])
         return body
 
+    def _save_here(
+        self, environ: WSGIEnvironment, start_response: StartResponse, ref: TrialRef, note: Note,
+        user: str | None,
+    ) -> Iterable[bytes]:
+        """The note API's answers, the note saved by our store (Applier.save)."""
+        try:
+            saved = self.applier.save(ref, note, user=user)
+        except Exception as exc:
+            if outage.unavailable(exc):
+                raise  # OutageMiddleware answers 503 with Retry-After, and logs the outage once
+            logger.exception("saving the note of trial id %d failed", ref.trial_id)
+            return _json(start_response, "500 Internal Server Error",
+                         {"reason": "internal server error"})
+        if isinstance(saved, Note):
+            stored = {"version": saved.version, "body": saved.body}
+            return _json(start_response, "409 Conflict", {"reason": NOTE_CHANGED, "note": stored})
+        if saved is None:  # saved alone: applied as after any save
+            header = self._apply_saved(environ, ref, note, user)
+        else:
+            header = saved.header()
+        start_response("204 No Content", [(OUTCOME_HEADER, header)])
+        return []
+
+    def _apply_saved(
+        self, environ: WSGIEnvironment, ref: TrialRef, note: Note, user: str | None
+    ) -> str:
+        """Apply a note saved a moment ago; the X-Hitl-Outcome header's value."""
+        try:
+            return self.applier.apply(ref, note, source="note-save", user=user).header()
+        except Exception as exc:
+            # The note is saved and queued: the sweep applies it once the database answers.
+            if outage.unavailable(exc):
+                outage.report(environ, exc)  # once per outage, not per request
+            else:
+                logger.exception("applying the note of trial id %d failed", ref.trial_id)
+            return json.dumps({"action": "error", "reason": "retried by sweep"})
 
     def _tell(
         self, environ: WSGIEnvironment, start_response: StartResponse, trial_id: int

@@ -32,6 +32,7 @@ from .audit import SWEEP
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
+from .dashboard import split_body
 from .requests import COOPERATIVE_ATTR
 from .requests import DEFAULT_ALIVE_FOR
 from .requests import Request
@@ -444,28 +445,8 @@ class SqlStore:
             }
 
     def transition(self, entry: AuditEntry, request: Request | None = None) -> None:
-        values: dict[str, object] = {"state": entry.to_state}
-        if entry.from_state in (TrialState.RUNNING, TrialState.WAITING):
-            values["datetime_complete"] = _utcnow()
-            if entry.from_state == TrialState.WAITING:
-                values["datetime_start"] = values["datetime_complete"]
         with self._engine.begin() as conn:
-            result = conn.execute(
-                sa.update(trials_t)
-                .where(trials_t.c.trial_id == entry.trial_id)
-                .where(trials_t.c.state == entry.from_state)
-                .values(**values)
-            )
-            if result.rowcount != 1:
-                raise LostRace()
-            # The trial's state is final now: a request still open for it is answered.
-            closed = conn.execute(
-                sa.delete(requests_t).where(requests_t.c.trial_id == entry.trial_id)
-                .where(*(_same_request(request) if request is not None else ()))
-            )
-            if request is not None and closed.rowcount != 1:
-                raise LostRace()  # the request changed since we read it: leave it be
-            conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
+            _transition(conn, entry, request)
 
     def transition_many(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
         if not entries:
@@ -728,6 +709,69 @@ class SqlStore:
             if ids:
                 conn.execute(sa.delete(changes_t).where(changes_t.c.id.in_(ids)))
 
+    def save_note(self, ref: TrialRef, note: Note, entry: AuditEntry | None = None) -> Note | None:
+        """Save a trial's note as the dashboard's note API does, in one transaction; with
+        ``entry``, the trial's change and its audit row go into the same transaction.
+
+        Saved only as the stored version + 1, compare-and-set on the stored version row (the
+        dashboard reads the version and writes later, so two saves of one version can both
+        pass its check). Returns None when saved, else the stored note (its 409). Raises
+        LostRace, saving nothing, when ``entry``'s trial has left ``entry.from_state``.
+
+        The dashboard reads all the study's system attributes twice and commits once per
+        write; here a save reads one row and commits once. With ``entry`` the note's queue rows
+        go too: it is applied, and nothing is left for the sweep.
+        """
+        ver_key = note_ver_key(ref.trial_id)
+        prefix = note_str_key_prefix(ref.trial_id)
+        chunks = {
+            key: json.dumps(text) for key, text in split_body(note.body, ref.trial_id).items()
+        }
+        in_study = attrs_t.c.study_id == ref.study_id
+        try:
+            with self._engine.begin() as conn:
+                stored = conn.execute(
+                    sa.select(attrs_t.c.value_json).where(in_study, attrs_t.c.key == ver_key)
+                ).scalar()
+                if note.version != (int(json.loads(stored)) if stored is not None else 0) + 1:
+                    raise _NoteConflict()
+                version = json.dumps(note.version)
+                if stored is None:
+                    conn.execute(sa.insert(attrs_t).values(
+                        study_id=ref.study_id, key=ver_key, value_json=version))
+                elif conn.execute(
+                    sa.update(attrs_t)
+                    .where(in_study, attrs_t.c.key == ver_key, attrs_t.c.value_json == stored)
+                    .values(value_json=version)
+                ).rowcount != 1:
+                    raise _NoteConflict()  # another save of this version committed meanwhile
+                for key, value in chunks.items():
+                    if conn.execute(
+                        sa.update(attrs_t).where(in_study, attrs_t.c.key == key)
+                        .values(value_json=value)
+                    ).rowcount == 0:
+                        conn.execute(sa.insert(attrs_t).values(
+                            study_id=ref.study_id, key=key, value_json=value))
+                # The chunks of a longer earlier text are emptied, as the dashboard does.
+                conn.execute(
+                    sa.update(attrs_t)
+                    .where(in_study, attrs_t.c.key.startswith(prefix, autoescape=True),
+                           attrs_t.c.key.not_in(list(chunks)), attrs_t.c.value_json != '""')
+                    .values(value_json='""')
+                )
+                if entry is not None:
+                    _transition(conn, entry, None)
+                    conn.execute(
+                        sa.delete(changes_t).where(changes_t.c.study_id == ref.study_id).where(
+                            sa.or_(changes_t.c.attr_key == ver_key,
+                                   changes_t.c.attr_key.startswith(prefix, autoescape=True))
+                        )
+                    )
+        except (_NoteConflict, sa.exc.IntegrityError):
+            # IntegrityError: another first save of this note inserted its version row first.
+            return self.notes(ref.study_id, [ref.trial_id]).get(ref.trial_id, Note(0, ""))
+        return None
+
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)
         with self._engine.connect() as conn:
@@ -739,6 +783,35 @@ class SqlStore:
 # timeout.
 PG_CONFLICTS = ("40P01", "40001")
 MYSQL_CONFLICTS = (1213, 1205)
+
+
+class _NoteConflict(Exception):
+    """The note's version is not the stored version + 1: the transaction writes nothing."""
+
+
+def _transition(conn: sa.Connection, entry: AuditEntry, request: Request | None) -> None:
+    """SqlStore.transition's writes, in the caller's transaction; LostRace rolls it back."""
+    values: dict[str, object] = {"state": entry.to_state}
+    if entry.from_state in (TrialState.RUNNING, TrialState.WAITING):
+        values["datetime_complete"] = _utcnow()
+        if entry.from_state == TrialState.WAITING:
+            values["datetime_start"] = values["datetime_complete"]
+    result = conn.execute(
+        sa.update(trials_t)
+        .where(trials_t.c.trial_id == entry.trial_id)
+        .where(trials_t.c.state == entry.from_state)
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        raise LostRace()
+    # The trial's state is final now: a request still open for it is answered.
+    closed = conn.execute(
+        sa.delete(requests_t).where(requests_t.c.trial_id == entry.trial_id)
+        .where(*(_same_request(request) if request is not None else ()))
+    )
+    if request is not None and closed.rowcount != 1:
+        raise LostRace()  # the request changed since we read it: leave it be
+    conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
 
 
 def _conflict(exc: sa.exc.DBAPIError) -> bool:

@@ -7,6 +7,7 @@ import re
 from typing import Iterable
 from typing import Protocol
 from typing import Sequence
+from typing import runtime_checkable
 
 from optuna.trial import TrialState
 
@@ -130,3 +131,14 @@ class Store(Protocol):
         ...
 
     def audit(self, limit: int = 100) -> list[AuditEntry]: ...
+
+
+@runtime_checkable
+class NoteSaver(Protocol):
+    """A store that saves a note itself, with its trial's change in the same transaction
+    (rdb.SqlStore). On any other store the dashboard saves notes, and we apply them after."""
+
+    def save_note(self, ref: TrialRef, note: Note, entry: AuditEntry | None = None) -> Note | None:
+        """None when saved; the stored note when ``note.version`` is not its version + 1.
+        Raises LostRace, saving nothing, when ``entry``'s trial has left its from_state."""
+        ...

@@ -71,11 +71,27 @@ def hitl(app: Any) -> HitlMiddleware:
     return layer
 
 
-def after_the_dashboard_saves(app: Any, then: Callable[[], object]) -> None:
-    """Run ``then`` once, after the dashboard saved the next note and before our apply."""
+def after_the_note_is_saved(app: Any, then: Callable[[], object]) -> None:
+    """Run ``then`` once, after the next note save is committed and before our apply.
+
+    On an RDB storage our store saves the note (Applier.save): ``then`` runs once it saved the
+    note alone; a note it saved together with the trial's change has no moment between save
+    and apply, and ``then`` runs after both. On a journal the dashboard saves the note."""
     middleware = hitl(app)
-    dashboard = middleware.app
     pending = [then]
+    store = app.applier.store
+    if app.applier.saves_notes:
+        real = store.save_note
+
+        def saved(*args: Any, **kwargs: Any) -> Any:
+            stored = real(*args, **kwargs)
+            if stored is None and pending:
+                pending.pop()()
+            return stored
+
+        store.save_note = saved
+        return
+    dashboard = middleware.app
 
     def wrapped(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         body = list(dashboard(environ, start_response))
@@ -168,6 +184,12 @@ def test_a_save_the_sweep_raced_keeps_its_answer_source_user_and_note_version(
         other = app_for(storage_url, grace=60)  # a second server on the same database
         if path == "ask":
             mark(storage_url, sid, tid)
+        if write == "transition" and app.applier.saves_notes:
+            # Saved in one transaction with its change (Applier.save): no sweep can see the
+            # note before the change, so no sweep can decide on it first.
+            if interleaving == "sweep-decides-first-writes-last":
+                continue
+            write = "save_note"
         version = 1
         if before is not None:
             assert save(app, sid, tid, 1, before, environ=ALICE).outcome["action"] == "applied"
@@ -177,12 +199,12 @@ def test_a_save_the_sweep_raced_keeps_its_answer_source_user_and_note_version(
         held = None
         with monkeypatch.context() as patch:
             if interleaving == "sweep-between-save-and-apply":
-                after_the_dashboard_saves(app, app.sweeper.run_once)
+                after_the_note_is_saved(app, app.sweeper.run_once)
             elif interleaving == "sweep-between-our-decision-and-write":
                 before_our_write(patch, app, write, other.sweeper.run_once)
             else:
                 held = HeldSweep(patch, other, write)
-                after_the_dashboard_saves(app, held.start)
+                after_the_note_is_saved(app, held.start)
             reply = save(app, sid, tid, version, note, environ=ALICE)
             if held is not None:
                 held.release()
@@ -222,7 +244,7 @@ def test_a_save_whose_request_the_worker_answered_before_the_save_returned_is_re
         app.sweeper.run_once()
         assert audit(storage_url) == [(tid, "RUNNING", "PRUNED", "sweep", None, 1, "worker")]
 
-    after_the_dashboard_saves(app, sweep_worker_sweep)
+    after_the_note_is_saved(app, sweep_worker_sweep)
     reply = save(app, sid, tid, 1, "PRUNE", environ=ALICE)
     assert (reply.outcome["action"], reply.outcome["to"]) == ("requested", "PRUNED")
     assert "ended the trial" in reply.outcome["reason"]
@@ -251,7 +273,7 @@ def test_a_sweep_that_read_a_request_before_the_save_claimed_it_records_nothing_
             study.tell(optuna.Trial(study, tid), state=S.PRUNED)  # the worker heeds it
         held.start()  # the other server's sweep read the request, and waits to write
 
-    after_the_dashboard_saves(app, sweep_asks_then_reads_the_request)
+    after_the_note_is_saved(app, sweep_asks_then_reads_the_request)
     reply = save(app, sid, tid, 1, "PRUNE", environ=ALICE)
     assert reply.outcome["action"] == "requested", reply.outcome
     held.release()
@@ -449,7 +471,7 @@ def test_on_a_journal_a_save_the_sweep_raced_keeps_its_source_and_user(tmp_path:
     study = optuna.create_study(storage=JournalStorage(JournalFileBackend(url)))
     tid = study.ask()._trial_id
     app = app_for(url)
-    after_the_dashboard_saves(app, app.sweeper.run_once)
+    after_the_note_is_saved(app, app.sweeper.run_once)
     reply = save(app, study._study_id, tid, 1, "PRUNE", environ=ALICE)
     assert (reply.outcome["action"], reply.outcome["to"]) == ("applied", "PRUNED")
     [entry] = app.store.audit()
