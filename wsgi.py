@@ -1,3 +1,3 @@
 """`gunicorn wsgi:app`: hitl-pruner configured from HITL_* environment variables."""
 
-from hitl_pruner.wsgi import app  # noqa: F401
+from hitl_pruner.from_env import app  # noqa: F401

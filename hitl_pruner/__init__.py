@@ -1,7 +1,9 @@
 """hitl-pruner: optuna-dashboard where a human's PRUNE or FAIL note ends the trial."""
 
 from .app import create_app
+from .config import ConfigError
 from .config import Settings
+from .embed import wsgi
 from .middleware import HitlMiddleware
 from .script import TrialResult
 from .script import UsageError
@@ -15,6 +17,7 @@ from .worker import tell
 
 __version__ = "0.1.0"
 __all__ = [
+    "ConfigError",
     "HitlMiddleware",
     "HumanInTheLoopPruner",
     "Settings",
@@ -27,4 +30,5 @@ __all__ = [
     "requested_state",
     "tell",
     "undo",
+    "wsgi",
 ]

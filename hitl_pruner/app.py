@@ -1,11 +1,14 @@
-"""Builds the served application from Settings: storage, dashboard, applier, sweep, middleware."""
+"""Builds the served stack from a storage object and Settings: dashboard, applier, sweep,
+middleware (``build_stack``); ``create_app`` opens the storage from the Settings' URL first."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from typing import Callable
 
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage
 from optuna.storages import JournalStorage
 from optuna.storages import RDBStorage
@@ -110,8 +113,9 @@ def open_store(storage: BaseStorage) -> SqlStore | ApiStore:
     """Our view of the storage, our tables and triggers installed on an RDB one."""
     if not isinstance(storage, RDBStorage):
         logger.warning(
-            "journal storage: RUNNING and WAITING trials can be ended, but finished trials "
-            "cannot be relabelled (Optuna's journal is append-only)"
+            "%s: RUNNING and WAITING trials can be ended, but finished trials cannot be "
+            "relabelled (Optuna changes a finished trial on an RDB storage only)",
+            type(storage).__name__,
         )
         return ApiStore(storage)
     store = SqlStore(storage)
@@ -120,6 +124,30 @@ def open_store(storage: BaseStorage) -> SqlStore | ApiStore:
     except InstallError as exc:
         raise ConfigError(str(exc)) from None
     return store
+
+
+def sweep_lock_for(storage: BaseStorage) -> lock.SweepLock:
+    """One sweep at a time across processes and servers on this storage (lock.py)."""
+    if isinstance(storage, RDBStorage):
+        return lock.for_engine(storage.engine)
+    backend = getattr(storage, "_backend", None) if isinstance(storage, JournalStorage) else None
+    if isinstance(backend, JournalFileBackend):
+        # The same file as `HITL_STORAGE_URL=path` locks: processes given the storage object
+        # and processes given its path take turns. (Optuna keeps the path in a private field.)
+        return lock.for_journal(backend._file_path)
+    # InMemoryStorage lives in this process alone: its own lock is the whole story. A Redis
+    # journal (or any other storage) offers no lock we could share with other servers, so
+    # each serving process sweeps; a second sweep applying the same note loses the race, as
+    # Optuna refuses to change a trial that is finished already (journal.py ApiStore).
+    return lock.LocalLock()
+
+
+def describe(storage: BaseStorage) -> str:
+    """The storage as a log line names it: an RDB's URL without its password, else its class."""
+    if isinstance(storage, RDBStorage):
+        return storage.engine.url.render_as_string(hide_password=True)
+    backend = getattr(storage, "_backend", None)
+    return type(storage).__name__ + (f"({type(backend).__name__})" if backend else "")
 
 
 def build_applier(
@@ -147,21 +175,44 @@ def build_applier(
 
 
 def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuard:
-    """The dashboard wrapped in our middleware; its sweep starts in the serving process.
-
-    The outer layer adds the browser side (buttons, toasts, the actions view) and passes
-    HitlMiddleware's attributes through: ``start_background``, ``sweeper``, ``store`` ...
+    """The served stack for ``settings``: opens the storage from its URL (``open_storage``)
+    and the FileSystemArtifactStore of ``artifact_dir``, then builds it with ``build_stack``.
 
     With ``autostart=False`` the sweep starts only through ``start_background()`` (the gunicorn
     hooks call it), or runs by hand with ``app.sweeper.run_once()``.
+    """
+    artifact_dir = settings.artifact_dir
+    artifact_store = FileSystemArtifactStore(artifact_dir) if artifact_dir else None
+    return build_stack(
+        open_storage(settings), settings, artifact_store=artifact_store, autostart=autostart,
+        name=settings.display_url,
+    )
+
+
+def build_stack(
+    storage: BaseStorage,
+    settings: Settings,
+    *,
+    artifact_store: Any = None,
+    llm_provider: Any = None,
+    autostart: bool = True,
+    name: str | None = None,
+) -> CrossOriginGuard:
+    """The dashboard of ``storage`` wrapped in our middleware; its sweep starts in the serving
+    process. Takes objects and reads no environment: ``create_app`` (settings from the
+    environment, files and the command line) and ``hitl_pruner.wsgi`` (keyword arguments)
+    both end here. Of ``settings`` it reads the rules, not ``storage_url`` or ``artifact_dir``.
+
+    The outer layer adds the browser side (buttons, toasts, the actions view) and passes
+    HitlMiddleware's attributes through: ``start_background``, ``sweeper``, ``store`` ...
+    and, further in, the dashboard's own (a bottle.Bottle: ``route``, ``_inmemory_cache`` ...).
 
     With basic auth or a user header configured, ``AuthMiddleware`` wraps it all (and passes
     the same attributes through). Outermost, ``CrossOriginGuard`` (origin.py) refuses
     state-changing requests from other origins and framing by other sites.
     """
-    storage = open_storage(settings)
     store = open_store(storage)
-    dashboard_app = dashboard.create(storage, settings.artifact_dir)
+    dashboard_app = dashboard.create(storage, artifact_store, llm_provider=llm_provider)
     applier = build_applier(
         settings, storage, store,
         # The dashboard's cache is brought up to date by the watcher below, on its next read.
@@ -170,16 +221,15 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
             search_space=any(TrialState.FAIL in (e.from_state, e.to_state) for e in entries),
         ),
     )
+    # One sweep at a time across processes and servers on this database (lock.py).
+    sweep_lock = sweep_lock_for(storage)
     if isinstance(storage, RDBStorage):
-        sweep_lock = lock.for_engine(storage.engine)
         ping = _pinger(storage.engine)
         # The lock holder learns of a note written any other way within a fraction of a second.
         watch = wake.for_engine(storage.engine, sweep_lock)
     else:
-        sweep_lock = lock.for_journal(settings.storage_url)
         ping = storage.get_all_studies
-        watch = None  # a journal has no queue to watch: its sweep keeps the interval
-    # One sweep at a time across processes and servers on this database (lock.py).
+        watch = None  # no queue to watch here: the sweep keeps the interval
     # This process's view of the database: an outage is logged once when it starts and ends.
     state = DatabaseState()
     sweeper = Sweeper(
@@ -204,7 +254,7 @@ def create_app(settings: Settings, *, autostart: bool = True) -> CrossOriginGuar
         health=Health(ping, sweeper, state=state),
     )
     logger.info(
-        "serving %s%s%s", settings.display_url,
+        "serving %s%s%s", name or describe(storage),
         f", studies {', '.join(settings.studies)}" if settings.studies else "",
         " (dry run)" if settings.dry_run else "",
     )

@@ -6,6 +6,7 @@ when an upgrade moves one of these.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from typing import Iterable
 
@@ -24,15 +25,32 @@ from optuna_dashboard._note import save_note_with_version
 from optuna_dashboard._note import split_body
 from optuna_dashboard._note import version_is_incremented
 
+# How optuna_dashboard.wsgi() turns a storage URL (or object) into a storage: an RDB URL, a
+# journal file's path, a redis:// URL. The library API (embed.py) opens a URL the same way.
+from optuna_dashboard._storage_url import get_storage
+
 __all__ = [
-    "create", "forget_study", "note_str_key_prefix", "note_ver_key", "refresh_trials", "save_note",
-    "split_body",
+    "create", "forget_study", "get_storage", "note_str_key_prefix", "note_ver_key",
+    "refresh_trials", "save_note", "split_body",
 ]
 
 
-def create(storage: BaseStorage, artifact_dir: str | None) -> Any:
-    artifact_store = FileSystemArtifactStore(artifact_dir) if artifact_dir else None
-    return optuna_dashboard.wsgi(storage, artifact_store)
+def create(storage: BaseStorage, artifact_store: Any = None, *, llm_provider: Any = None) -> Any:
+    """``optuna_dashboard.wsgi(storage, artifact_store, llm_provider=...)``, a bottle.Bottle.
+
+    ``artifact_store``: any Optuna artifact store (file system, Boto3, GCS), or a directory's
+    path for a FileSystemArtifactStore (``--artifact-dir``), or None.
+    """
+    if isinstance(artifact_store, str):
+        artifact_store = FileSystemArtifactStore(artifact_store)
+    if llm_provider is None:
+        return optuna_dashboard.wsgi(storage, artifact_store)
+    if "llm_provider" not in inspect.signature(optuna_dashboard.wsgi).parameters:
+        raise TypeError(
+            f"llm_provider: optuna-dashboard {optuna_dashboard.__version__} installed here has "
+            "no LLM support; upgrade optuna-dashboard, or leave llm_provider out"
+        )
+    return optuna_dashboard.wsgi(storage, artifact_store, llm_provider=llm_provider)
 
 
 def forget_study(app: Any, study_id: int) -> None:

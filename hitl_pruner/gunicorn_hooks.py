@@ -95,7 +95,9 @@ def _check_trust(worker: Any) -> None:
     logger.error(
         "gunicorn trusts forwarded headers from %s, hitl-pruner from %s: set "
         "HITL_FORWARDED_ALLOW_IPS where gunicorn starts (gunicorn.conf.py hands it to gunicorn), "
-        "not gunicorn's --forwarded-allow-ips or -e",
+        "not gunicorn's --forwarded-allow-ips or -e; for an application made by "
+        "hitl_pruner.wsgi(), give gunicorn's --forwarded-allow-ips and its forwarded_allow_ips= "
+        "the same addresses",
         ",".join(theirs) or "nobody", ",".join(ours) or "nobody",
     )
     raise SystemExit(4)

@@ -103,6 +103,12 @@ class HitlMiddleware:
         self._lock = threading.Lock()
         self.health = health
 
+    def __getattr__(self, name: str) -> Any:
+        # The dashboard's attributes (a bottle.Bottle: route, _inmemory_cache ...) through us.
+        if name == "app":  # not set yet: no wrapped app to ask
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._autostart and self._pid != os.getpid():
             self.start_background()

@@ -174,8 +174,8 @@ def _finished_change(
         return Decision(
             Action.REFUSE,
             f"this storage cannot change a finished ({state.name}) trial: Optuna's journal "
-            "storage is append-only; use an RDB storage (SQLite, PostgreSQL, MySQL) for "
-            "retroactive changes",
+            "storage is append-only, and its InMemoryStorage refuses it too; use an RDB storage "
+            "(SQLite, PostgreSQL, MySQL) for retroactive changes",
         )
     if not retroactive_allowed:
         return Decision(

@@ -1,4 +1,10 @@
-"""The application configured from the environment (HITL_*), for WSGI servers."""
+"""``app``: hitl-pruner configured from the environment (HITL_*, HITL_CONFIG's TOML file), for
+WSGI servers: ``gunicorn wsgi:app`` in the repository root imports it from here.
+
+The adapter over the library: ``config.resolve`` reads the environment, ``create_app`` opens
+the storage and the artifact directory it names and builds the stack, ``behind_proxy`` adds the
+proxy's path prefix and trust. (Not ``hitl_pruner.wsgi``: that name is the library function.)
+"""
 
 from __future__ import annotations
 
