@@ -25,6 +25,8 @@ from typing import Callable
 from typing import Iterable
 from typing import Mapping
 
+from optuna.storages._cached_storage import _CachedStorage
+
 from . import auth
 from . import dashboard
 from . import origin
@@ -273,6 +275,10 @@ def wsgi(
         raise ConfigError(
             f"cannot open the storage {storage!r} as optuna-dashboard would: {exc}"
         ) from None
+    if isinstance(opened, _CachedStorage):
+        # A study's own storage (``study._storage``) keeps finished trials in this process:
+        # the server must read what other processes write, and write past that cache.
+        opened = opened._backend
     application = build_stack(
         opened, settings, artifact_store=artifact_store, llm_provider=llm_provider,
         autostart=autostart,

@@ -288,6 +288,19 @@ def test_an_rdb_storage_object_ends_running_trials_and_relabels_finished_ones(
             storage.engine.dispose()
 
 
+def test_a_studys_own_cached_storage_is_served_uncached_and_relabels(tmp_path: Path) -> None:
+    """``study._storage`` (Optuna's cache of finished trials over the RDB) works as the RDB."""
+    with database("sqlite", tmp_path) as url:
+        study, ids = make_study(url)
+        cached = optuna.load_study(study_name=study.study_name, storage=url)._storage
+        assert not isinstance(cached, RDBStorage)  # Optuna's _CachedStorage around it
+        app = hitl_pruner.wsgi(cached, autostart=False)
+        assert save(app, study._study_id, ids["complete"], 1, "FAIL").outcome["action"] == (
+            "applied"
+        )
+        assert RDBStorage(url).get_trial(ids["complete"]).state is TrialState.FAIL
+
+
 def test_a_storage_url_is_opened_as_optuna_dashboard_opens_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'u.db'}"
     study, ids = make_study(url)
