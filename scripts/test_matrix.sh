@@ -21,6 +21,8 @@ TESTS=(
   tests/test_cooperation.py
   tests/test_e2e.py
   tests/test_browser.py
+  tests/test_browser_live.py
+  tests/test_browser_attacks.py
   tests/test_prefix.py
   tests/test_middleware.py
   tests/test_ui.py
