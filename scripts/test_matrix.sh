@@ -13,7 +13,8 @@ COMBOS=(
   "4.0.0 0.19.0"
 )
 # What touches the versions: the dashboard's internals, the worker side on Optuna's API, the
-# note-save path, the served page and bundle (also under a sub-path), and real processes.
+# note-save path, the library API (the dashboard's storage opening, its LLM option), the
+# served page and bundle (also under a sub-path), hitl.js in Chromium, and real processes.
 TESTS=(
   tests/test_dashboard_internals.py
   tests/test_worker.py
@@ -25,6 +26,8 @@ TESTS=(
   tests/test_browser_attacks.py
   tests/test_prefix.py
   tests/test_middleware.py
+  tests/test_note_save.py
+  tests/test_library_api.py
   tests/test_ui.py
 )
 
