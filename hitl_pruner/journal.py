@@ -19,7 +19,6 @@ from typing import Any
 from typing import Iterable
 from typing import Sequence
 
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
@@ -28,6 +27,7 @@ from .audit import SWEEP
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
+from .optuna_compat import is_finished_trial_error
 from .requests import Request
 from .store import NOTE_KEY
 from .store import Change
@@ -118,7 +118,9 @@ class ApiStore:
     def transition(self, entry: AuditEntry, request: Request | None = None) -> None:
         try:
             self._storage.set_trial_state_values(entry.trial_id, entry.to_state)
-        except UpdateFinishedTrialError:
+        except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
+            if not is_finished_trial_error(error):
+                raise
             raise LostRace() from None
         stamp = entry.at.strftime("%Y%m%dT%H%M%S%f")
         self._storage.set_study_system_attr(
