@@ -163,7 +163,8 @@ class ApiStore:
         wanted = set(names)
         return {s._study_id for s in self._storage.get_all_studies() if s.study_name in wanted}
 
-    def pending(self, study_ids: set[int] | None, limit: int) -> list[Change]:
+    def pending(self, study_ids: set[int] | None, limit: int, *, after: int = 0) -> list[Change]:
+        # ``after`` is of no use here: every call scans the notes anew, past those acked.
         changes: list[Change] = []
         self._offered.clear()
         for study in self._storage.get_all_studies():

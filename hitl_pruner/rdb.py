@@ -666,8 +666,14 @@ class SqlStore:
             )
             return {row.study_id for row in rows}
 
-    def pending(self, study_ids: set[int] | None, limit: int) -> list[Change]:
-        query = sa.select(changes_t).order_by(changes_t.c.id).limit(limit)
+    def pending(self, study_ids: set[int] | None, limit: int, *, after: int = 0) -> list[Change]:
+        # ``after``: the last id of the round's previous page. Reading past it, not from the
+        # start, keeps InnoDB from stepping over the rows just acked (delete-marked until purged)
+        # once per page; a row committed meanwhile under a lower id waits for the next round.
+        query = (
+            sa.select(changes_t).where(changes_t.c.id > after).order_by(changes_t.c.id)
+            .limit(limit)
+        )
         if study_ids is not None:
             if not study_ids:
                 return []

@@ -107,8 +107,11 @@ class Sweeper:
         stats = SweepStats()
         names = self.applier.studies
         study_ids = self.store.study_ids(names) if names else None
+        after = 0
         while True:
-            changes = self.store.pending(study_ids, BATCH)
+            changes = self.store.pending(study_ids, BATCH, after=after)
+            if changes:
+                after = changes[-1].id
             stats.changes += len(changes)
             done = self._apply(changes, stats)
             if self.applier.dry_run:
