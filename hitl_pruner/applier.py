@@ -207,7 +207,9 @@ class Applier:
         store = self.store
         assert isinstance(store, NoteSaver), "saves_notes is False: the dashboard saves notes"
         command = self.parser.parse(note.body)
-        if (command is not None and self.monitors(ref.study_name) and not self.dry_run
+        # Only a command, or taking one out of a note on a trial we ended (undo), can force.
+        can_force = command is not None or self.needs_history(ref)
+        if (can_force and self.monitors(ref.study_name) and not self.dry_run
                 and self._refusal(ref, note, NOTE_SAVE, user) is None):
             decision, _ = self._decide(ref, command, None, source=NOTE_SAVE)
             if decision.action is Action.APPLY:

@@ -48,25 +48,39 @@ class Commits:
         sa.event.remove(self._engine, "commit", self._commit)
 
 
+@pytest.mark.parametrize(
+    ("label", "before", "text", "from_state", "to_state"),
+    [
+        pytest.param("running", None, "loss diverges\nPRUNE", "RUNNING", "PRUNED", id="prune"),
+        pytest.param("complete", None, "bogus split: FAIL", "COMPLETE", "FAIL", id="relabel"),
+        pytest.param("complete", "bogus split: FAIL", "the split was fine", "FAIL", "COMPLETE",
+                     id="undo"),
+    ],
+)
 def test_a_note_that_forces_a_state_is_one_transaction_and_never_reaches_the_sweep(
-    storage_url: str,
+    storage_url: str, label: str, before: str | None, text: str, from_state: str, to_state: str
 ) -> None:
     study, ids = make_study(storage_url)
-    sid, tid = study._study_id, ids["running"]
+    sid, tid = study._study_id, ids[label]
     app = app_for(storage_url)
+    version = 1
+    if before is not None:
+        assert save(app, sid, tid, 1, before).outcome["action"] == "applied"
+        version = 2
     app.sweeper.run_once()
     commits = Commits(app.store.engine)
     try:
-        reply = save(app, sid, tid, 1, "loss diverges\nPRUNE")
+        reply = save(app, sid, tid, version, text)
     finally:
         commits.close()
     assert reply.status == 204 and reply.outcome["action"] == "applied", reply.outcome
+    assert (reply.outcome["from"], reply.outcome["to"]) == (from_state, to_state)
     assert commits.count == 1
-    assert state(storage_url, tid) is TrialState.PRUNED
-    assert stored_note(storage_url, sid, tid) == {"version": 1, "body": "loss diverges\nPRUNE"}
-    [row] = audit_rows(storage_url)
-    assert (row.trial_id, row.to_state, row.source, row.note_version) == (
-        tid, "PRUNED", "note-save", 1
+    assert state(storage_url, tid).name == to_state
+    assert stored_note(storage_url, sid, tid) == {"version": version, "body": text}
+    row = audit_rows(storage_url)[-1]
+    assert (row.trial_id, row.from_state, row.to_state, row.source, row.note_version) == (
+        tid, from_state, to_state, "note-save", version
     )
     assert queued(storage_url) == 0
     assert app.sweeper.run_once().applied == 0
