@@ -1,0 +1,273 @@
+"""Cooperation through Optuna's storage API alone (issue 9, item 3): workers behind Optuna's gRPC
+storage proxy over PostgreSQL, and workers on a journal (file, Redis), none with SQL of its own.
+
+A human's PRUNE and FAIL, saved over HTTP, end exactly those trials as PRUNED and FAIL; every
+worker (``study.optimize`` without ``catch=``) runs all its trials; each action has one audit
+row, made when the worker ended the trial (how "worker"), not forced.
+
+This file is also the worker program: ``python tests/test_grpc_proxy.py SPEC STUDY N_TRIALS
+STEPS`` runs test_worker_processes.worker_main("wrapped", ...) on the storage SPEC names:
+``grpc:HOST:PORT``, ``journal-file:PATH`` or ``journal-redis:PREFIX:URL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+import subprocess
+import sys
+import time
+from typing import Any
+from typing import Callable
+from typing import Iterator
+import uuid
+import warnings
+
+import optuna
+from optuna.storages import BaseStorage
+
+
+def open_spec(spec: str) -> BaseStorage:
+    kind, _, rest = spec.partition(":")
+    if kind == "grpc":
+        from optuna.storages import GrpcStorageProxy
+
+        host, _, port = rest.rpartition(":")
+        return GrpcStorageProxy(host=host, port=int(port))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "journal-file":
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(rest))
+        if kind == "journal-redis":
+            from optuna.storages.journal import JournalRedisBackend
+
+            prefix, _, url = rest.partition(":")
+            return optuna.storages.JournalStorage(JournalRedisBackend(url, prefix=prefix))
+    raise ValueError(spec)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_worker_processes import worker_main
+
+    worker_main("wrapped", open_spec(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
+                int(sys.argv[4]))
+    sys.exit(0)
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+from backends import unavailable  # noqa: E402
+from helpers import save  # noqa: E402
+from optuna.storages import RDBStorage  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from processes import HOST  # noqa: E402
+from processes import Server  # noqa: E402
+from processes import child_env  # noqa: E402
+from processes import free_port  # noqa: E402
+from processes import gunicorn_server  # noqa: E402
+from processes import wait_for  # noqa: E402
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+from test_worker_processes import STEPS  # noqa: E402
+from test_worker_processes import Worker  # noqa: E402
+from test_worker_processes import running_trial  # noqa: E402
+
+import hitl_pruner  # noqa: E402
+from hitl_pruner.audit import AuditEntry  # noqa: E402
+from hitl_pruner.journal import ApiStore  # noqa: E402
+from hitl_pruner.requests import COOPERATIVE_ATTR  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+PROXY_PROGRAM = (
+    "import sys, optuna\n"
+    "optuna.storages.run_grpc_proxy_server(optuna.storages.get_storage(sys.argv[1]),"
+    " host=sys.argv[2], port=int(sys.argv[3]))\n"
+)
+N_WORKERS = 2
+N_TRIALS = 3
+Audit = Callable[[], list[tuple[int, str, str, str]]]
+
+
+@contextlib.contextmanager
+def grpc_proxy(url: str, tmp_path: Path) -> Iterator[str]:
+    """A real ``run_grpc_proxy_server`` process over ``url``; yields the workers' SPEC."""
+    from optuna.storages import GrpcStorageProxy
+
+    port = free_port()
+    log = tmp_path / "grpc-proxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PROXY_PROGRAM, url, HOST, str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
+        )
+    try:
+        client = GrpcStorageProxy(host=HOST, port=port)
+        try:
+            client.wait_server_ready(timeout=30)
+        except ConnectionError:
+            pytest.fail(f"the gRPC proxy did not start\n{log.read_text()}")
+        finally:
+            client.close()
+        yield f"grpc:{HOST}:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def workers(spec: str, study: str, tmp_path: Path) -> Iterator[list[Worker]]:
+    started = []
+    try:
+        for i in range(N_WORKERS):
+            out, err = tmp_path / f"worker-{i}.out", tmp_path / f"worker-{i}.err"
+            with open(out, "wb") as o, open(err, "wb") as e:
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, spec, study, str(N_TRIALS), str(STEPS)],
+                    stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=child_env(),
+                )
+            started.append(Worker(proc, out, err))
+        yield started
+    finally:
+        for w in started:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+
+
+def human_prunes_and_fails(
+    spec: str, observer: BaseStorage, study_id: int, put_note: Callable[..., Any],
+    audit: Audit, tmp_path: Path, servers: list[Server],
+) -> None:
+    """The scenario every storage goes through; ``observer`` is the test's own view."""
+    study_name = observer.get_study_name_from_id(study_id)
+    with workers(spec, study_name, tmp_path) as procs:
+        taken: set[int] = set()
+        pruned = running_trial(observer, study_id, taken, 2, servers)  # type: ignore[arg-type]
+        outcome = put_note(study_id, pruned._trial_id, 1, "loss diverges: PRUNE").outcome
+        assert (outcome["action"], outcome["to"]) == ("requested", "PRUNED"), outcome
+        failed = running_trial(observer, study_id, taken, 2, servers)  # type: ignore[arg-type]
+        outcome = put_note(study_id, failed._trial_id, 1, "bogus split: FAIL").outcome
+        assert (outcome["action"], outcome["to"]) == ("requested", "FAIL"), outcome
+
+        for w in procs:
+            code, ran, err = w.finish(timeout=120)
+            assert code == 0 and "Traceback" not in err, err
+            assert len(ran) == N_TRIALS, err
+
+    trials = {t._trial_id: t for t in observer.get_all_trials(study_id)}
+    assert len(trials) == N_WORKERS * N_TRIALS
+    assert trials[pruned._trial_id].state is TrialState.PRUNED
+    steps = trials[pruned._trial_id].intermediate_values
+    assert 2 <= len(steps) < STEPS, "the worker ended it on request, well before its last step"
+    assert trials[failed._trial_id].state is TrialState.FAIL
+    assert 2 <= len(trials[failed._trial_id].intermediate_values) < STEPS
+    assert trials[failed._trial_id].values is None
+    for tid in taken:
+        assert trials[tid].system_attrs[COOPERATIVE_ATTR] is True
+    others = [t for tid, t in trials.items() if tid not in taken]
+    assert all(t.state is TrialState.COMPLETE for t in others)
+
+    rows = wait_for(lambda: len(audit()) >= 2 and audit(), what="two audit rows",
+                    servers=servers)
+    time.sleep(1.0)  # a second sweep or a duplicate would add a row by now
+    assert sorted(audit()) == sorted(rows) == sorted([
+        (pruned._trial_id, "PRUNED", "note-save", "worker"),
+        (failed._trial_id, "FAIL", "note-save", "worker"),
+    ])
+
+
+def test_workers_behind_the_grpc_proxy_end_a_pruned_and_a_failed_trial_and_carry_on(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Workers reach PostgreSQL only through Optuna's gRPC proxy: the request reaches them as a
+    trial system attr; FAIL ends FAIL through the database's trigger."""
+    study = optuna.create_study(study_name="proxied", storage=postgres_url)
+    observer = RDBStorage(postgres_url)
+
+    def audit() -> list[tuple[int, str, str, str]]:
+        with observer.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(  # type: ignore[misc]
+                "SELECT trial_id, to_state, source, how FROM hitl_audit"
+            ))]
+
+    with gunicorn_server(postgres_url, tmp_path, env={"HITL_GRACE": "60"},
+                         interval=0.2) as server, grpc_proxy(postgres_url, tmp_path) as spec:
+        human_prunes_and_fails(spec, observer, study._study_id, server.put_note, audit,
+                               tmp_path, [server])
+        with observer.engine.connect() as conn:
+            beats = conn.execute(sa.text(
+                "SELECT count(*) FROM study_system_attributes WHERE key LIKE 'hitl:worker:%'"
+            )).scalar()
+            sql_beats = conn.execute(sa.text("SELECT count(*) FROM hitl_workers")).scalar()
+        assert beats == N_WORKERS, "each worker beat through the proxy"
+        assert sql_beats == 0, "no worker wrote SQL of its own"
+
+
+def journal_audit(storage: BaseStorage) -> Audit:
+    def audit() -> list[tuple[int, str, str, str]]:
+        entries: list[AuditEntry] = ApiStore(storage).audit()
+        return [(e.trial_id, e.to_state.name, e.source, e.how) for e in entries]
+
+    return audit
+
+
+def test_workers_on_a_journal_file_end_a_pruned_and_a_failed_trial_and_carry_on(
+    tmp_path: Path,
+) -> None:
+    """A journal has no trigger and never changes a finished trial: the worker writes FAIL
+    itself where Optuna asks for PRUNED (api_channel._FailOnTell)."""
+    path = tmp_path / "journal.log"
+    spec = f"journal-file:{path}"
+    observer = open_spec(spec)
+    study = optuna.create_study(study_name="journalled", storage=observer)
+    with gunicorn_server(str(path), tmp_path, env={"HITL_GRACE": "60"}, interval=0.2) as server:
+        human_prunes_and_fails(spec, observer, study._study_id, server.put_note,
+                               journal_audit(observer), tmp_path, [server])
+
+
+@pytest.fixture
+def redis_spec() -> Iterator[str]:
+    import redis
+
+    url = os.environ.get("HITL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = f"hitl-test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        client.close()
+        unavailable(f"Redis at {url} ({exc})")
+    try:
+        yield f"journal-redis:{prefix}:{url}"
+    finally:
+        keys = list(client.scan_iter(f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def test_workers_on_a_redis_journal_end_a_pruned_and_a_failed_trial_and_carry_on(
+    redis_spec: str, tmp_path: Path
+) -> None:
+    """The server is ``hitl_pruner.wsgi(JournalStorage(JournalRedisBackend(...)))`` in this
+    process, sweeping in its background thread."""
+    observer = open_spec(redis_spec)
+    study = optuna.create_study(study_name="redis", storage=observer)
+    app = hitl_pruner.wsgi(open_spec(redis_spec), grace=60, interval=0.2)
+    try:
+        human_prunes_and_fails(
+            redis_spec, observer, study._study_id,
+            lambda sid, tid, version, body: save(app, sid, tid, version, body),
+            journal_audit(observer), tmp_path, [],
+        )
+    finally:
+        app.stop_background()
