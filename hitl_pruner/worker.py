@@ -117,7 +117,9 @@ class HumanInTheLoopPruner(BasePruner):
         check_interval: the least number of seconds between two checks of the same trial (a
             check is one small indexed query). The first ``should_prune()`` of each trial always
             checks; 0 checks on every call. A request is seen at most this long after it was
-            made, plus the time to the next ``should_prune()``.
+            made, plus the time to the next ``should_prune()``. (Without SQL of its own, as
+            behind Optuna's gRPC proxy or on a journal, a check reads the trial's system attrs:
+            through the proxy one ``GetTrial`` call.)
 
     On its first ``should_prune()`` a trial is marked (trial system attr ``hitl:cooperative``):
     that is how the server knows to ask this worker rather than end the trial itself. While it

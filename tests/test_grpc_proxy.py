@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 from typing import Callable
@@ -124,14 +125,15 @@ def grpc_proxy(url: str, tmp_path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def workers(spec: str, study: str, tmp_path: Path) -> Iterator[list[Worker]]:
+def workers(spec: str, study: str, tmp_path: Path, count: int = N_WORKERS,
+            n_trials: int = N_TRIALS) -> Iterator[list[Worker]]:
     started = []
     try:
-        for i in range(N_WORKERS):
+        for i in range(count):
             out, err = tmp_path / f"worker-{i}.out", tmp_path / f"worker-{i}.err"
             with open(out, "wb") as o, open(err, "wb") as e:
                 proc = subprocess.Popen(
-                    [sys.executable, __file__, spec, study, str(N_TRIALS), str(STEPS)],
+                    [sys.executable, __file__, spec, study, str(n_trials), str(STEPS)],
                     stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=child_env(),
                 )
             started.append(Worker(proc, out, err))
@@ -271,3 +273,97 @@ def test_workers_on_a_redis_journal_end_a_pruned_and_a_failed_trial_and_carry_on
         )
     finally:
         app.stop_background()
+
+
+# --- scale (issue 9, item 4) -----------------------------------------------------------------
+
+SCALE_WORKERS = 32
+SCALE_TRIALS = 2
+
+
+def named(url: str, application_name: str) -> str:
+    """``url`` whose PostgreSQL connections carry ``application_name`` (pg_stat_activity)."""
+    return sa.make_url(url).update_query_dict(
+        {"application_name": application_name}
+    ).render_as_string(hide_password=False)
+
+
+class ConnectionWatch:
+    """Samples pg_stat_activity for the test's database: who is connected, and how many."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = sa.create_engine(named(url, "hitl-test-watch"))
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        query = sa.text(
+            "SELECT application_name, count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() GROUP BY 1"
+        )
+        while not self._stop.wait(0.2):
+            with self._engine.connect() as conn:
+                for name, count in conn.execute(query):
+                    self.peak[name] = max(self.peak.get(name, 0), count)
+
+    def __enter__(self) -> ConnectionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._engine.dispose()
+
+
+@pytest.mark.xdist_group("grpc-proxy-32")
+def test_32_workers_behind_the_grpc_proxy_survive_humans_pruning_and_failing(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """32 worker processes reach PostgreSQL only through one gRPC proxy; humans PRUNE and FAIL
+    trials over HTTP meanwhile. Every worker runs all its trials; each action is applied once,
+    by its worker, with its audit row; the database sees the proxy and the server only."""
+    study = optuna.create_study(study_name="scale", storage=postgres_url)
+    observer = RDBStorage(named(postgres_url, "hitl-test-observer"))
+    started = time.monotonic()
+    with ConnectionWatch(postgres_url) as watch, \
+            gunicorn_server(named(postgres_url, "hitl-test-server"), tmp_path,
+                            env={"HITL_GRACE": "120"}, interval=0.5) as server, \
+            grpc_proxy(named(postgres_url, "hitl-test-proxy"), tmp_path) as spec, \
+            workers(spec, "scale", tmp_path, SCALE_WORKERS, SCALE_TRIALS) as procs:
+        taken: set[int] = set()
+        asked = []
+        for body, target in (("PRUNE", "PRUNED"), ("FAIL", "FAIL")) * 2:
+            trial = running_trial(observer, study._study_id, taken, 2, [server])
+            outcome = server.put_note(study._study_id, trial._trial_id, 1, body).outcome
+            assert (outcome["action"], outcome["to"]) == ("requested", target), outcome
+            asked.append((trial._trial_id, target))
+        for w in procs:
+            code, ran, err = w.finish(timeout=600)
+            assert code == 0 and "Traceback" not in err, err
+            assert len(ran) == SCALE_TRIALS, err
+        ran_for = time.monotonic() - started
+
+        def audit() -> list[tuple[int, str, str]]:
+            with observer.engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(sa.text(  # type: ignore[misc]
+                    "SELECT trial_id, to_state, how FROM hitl_audit"
+                ))]
+
+        rows = wait_for(lambda: len(audit()) >= len(asked) and audit(),
+                        what="an audit row per action", servers=[server])
+        time.sleep(1.5)  # a duplicate would be written by the next sweeps
+        assert sorted(audit()) == sorted(rows) == sorted(
+            (tid, target, "worker") for tid, target in asked
+        )
+
+    trials = {t._trial_id: t for t in observer.get_all_trials(study._study_id)}
+    assert len(trials) == SCALE_WORKERS * SCALE_TRIALS
+    assert {tid: trials[tid].state.name for tid, _ in asked} == dict(asked)
+    assert all(t.state is TrialState.COMPLETE for tid, t in trials.items() if tid not in taken)
+    names = set(watch.peak)
+    assert names <= {"hitl-test-proxy", "hitl-test-server", "hitl-test-observer"}, watch.peak
+    assert "hitl-test-proxy" in names, watch.peak
+    print(f"\n32 workers x {SCALE_TRIALS} trials through the gRPC proxy: {ran_for:.1f} s; "
+          f"peak PostgreSQL connections by application: {watch.peak}")

@@ -9,6 +9,7 @@ does). tests/test_grpc_proxy.py has the same with real processes.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import pickle
 import time
 from typing import Any
@@ -141,3 +142,26 @@ def test_a_trial_not_reported_yet_is_asked_only_while_the_workers_heartbeat_is_f
     outcome = save(app, study._study_id, later._trial_id, 1, "PRUNE").outcome
     assert (outcome["action"], outcome["to"]) == ("applied", "PRUNED"), outcome
     assert storage.get_trial(later._trial_id).state is S.PRUNED
+
+
+def test_a_request_its_worker_never_reads_is_forced_after_the_grace_period_once(
+    served: tuple[BaseStorage, Any],
+) -> None:
+    storage, app = served
+    study = study_on(storage)
+    hung = study.ask()
+    hung.report(0.5, 0)
+    hung.should_prune()  # marks the trial; then the worker hangs in a step
+    outcome = save(app, study._study_id, hung._trial_id, 1, "FAIL").outcome
+    assert outcome["action"] == "requested", outcome
+    [(request, state)] = app.store.requests(None)
+    assert (request.trial_id, request.target, state) == (hung._trial_id, S.FAIL, S.RUNNING)
+
+    past = request.deadline + datetime.timedelta(seconds=1)
+    assert app.applier.settle(request, state, past).action == "applied"
+    assert app.applier.settle(request, state, past).action != "applied", "closed: once only"
+    assert storage.get_trial(hung._trial_id).state is S.FAIL
+    assert app.store.requests(None) == []
+    assert [(e.trial_id, e.to_state.name, e.how) for e in app.store.audit()] == [
+        (hung._trial_id, "FAIL", "grace")
+    ]
