@@ -207,10 +207,11 @@ def test_workers_behind_the_grpc_proxy_end_a_pruned_and_a_failed_trial_and_carry
                                tmp_path, [server])
         with observer.engine.connect() as conn:
             beats = conn.execute(sa.text(
-                "SELECT count(*) FROM study_system_attributes WHERE key LIKE 'hitl:worker:%'"
-            )).scalar()
+                "SELECT value_json FROM study_system_attributes WHERE key LIKE 'hitl:worker:%'"
+            )).scalars().all()
             sql_beats = conn.execute(sa.text("SELECT count(*) FROM hitl_workers")).scalar()
-        assert beats == N_WORKERS, "each worker beat through the proxy"
+        assert len(beats) == N_WORKERS, "each worker beat through the proxy"
+        assert beats == ["null"] * N_WORKERS, "and said so when it exited"
         assert sql_beats == 0, "no worker wrote SQL of its own"
 
 
@@ -300,7 +301,8 @@ class ConnectionWatch:
     def _run(self) -> None:
         query = sa.text(
             "SELECT application_name, count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() GROUP BY 1"
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend' GROUP BY 1"
         )
         while not self._stop.wait(0.2):
             with self._engine.connect() as conn:
@@ -324,14 +326,18 @@ def test_32_workers_behind_the_grpc_proxy_survive_humans_pruning_and_failing(
     """32 worker processes reach PostgreSQL only through one gRPC proxy; humans PRUNE and FAIL
     trials over HTTP meanwhile. Every worker runs all its trials; each action is applied once,
     by its worker, with its audit row; the database sees the proxy and the server only."""
-    study = optuna.create_study(study_name="scale", storage=postgres_url)
     observer = RDBStorage(named(postgres_url, "hitl-test-observer"))
+    study = optuna.create_study(study_name="scale", storage=observer)
     started = time.monotonic()
     with ConnectionWatch(postgres_url) as watch, \
             gunicorn_server(named(postgres_url, "hitl-test-server"), tmp_path,
                             env={"HITL_GRACE": "120"}, interval=0.5) as server, \
             grpc_proxy(named(postgres_url, "hitl-test-proxy"), tmp_path) as spec, \
             workers(spec, "scale", tmp_path, SCALE_WORKERS, SCALE_TRIALS) as procs:
+        # 32 interpreters importing Optuna take a while on a small machine.
+        wait_for(lambda: len(observer.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.RUNNING,))) >= 4,
+            timeout=300, what="workers running trials", servers=[server], interval=0.5)
         taken: set[int] = set()
         asked = []
         for body, target in (("PRUNE", "PRUNED"), ("FAIL", "FAIL")) * 2:
