@@ -169,7 +169,16 @@ class _FailOnTell:
             channel._failing.discard(trial_id)
             if not channel._failing and isinstance(vars(storage).get(_SETTER), _FailOnTell):
                 delattr(storage, _SETTER)
-        if failing and state == TrialState.PRUNED:
+        if failing and state == TrialState.PRUNED and self._still_fail(trial_id):
             state, values = TrialState.FAIL, None
         method: Any = getattr(type(storage), _SETTER)
         return bool(method(storage, trial_id, state, values))
+
+    def _still_fail(self, trial_id: int) -> bool:
+        """Whether the request is FAIL now, as the RDB trigger decides at the update: a human
+        may have changed it to PRUNE since the check (one read, only on this rare path)."""
+        try:
+            attrs = self._channel._storage.get_trial_system_attrs(trial_id)
+        except Exception:
+            return True  # what the check saw stands
+        return requested_target(attrs.get(REQUEST_ATTR)) == TrialState.FAIL

@@ -165,3 +165,21 @@ def test_a_request_its_worker_never_reads_is_forced_after_the_grace_period_once(
     assert [(e.trial_id, e.to_state.name, e.how) for e in app.store.audit()] == [
         (hung._trial_id, "FAIL", "grace")
     ]
+
+
+def test_a_fail_changed_to_prune_after_the_workers_check_ends_pruned(
+    served: tuple[BaseStorage, Any],
+) -> None:
+    """The worker writes what the request says when it ends the trial, as the RDB trigger
+    does, not what it said at the check."""
+    storage, app = served
+    study = study_on(storage)
+    trial = study.ask()
+    trial.report(0.5, 0)
+    trial.should_prune()
+    assert save(app, study._study_id, trial._trial_id, 1, "FAIL").outcome["action"] == "requested"
+    assert trial.should_prune() is True  # the worker saw FAIL
+    outcome = save(app, study._study_id, trial._trial_id, 2, "PRUNE").outcome
+    assert (outcome["action"], outcome["to"]) == ("requested", "PRUNED"), outcome
+    study.tell(trial, state=S.PRUNED)
+    assert storage.get_trial(trial._trial_id).state is S.PRUNED
