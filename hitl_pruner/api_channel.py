@@ -27,10 +27,10 @@ import time
 from typing import Any
 from typing import Sequence
 
-import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
+from .optuna_compat import is_finished_trial_error
 from .requests import COOPERATIVE_ATTR
 from .requests import HEARTBEAT_EVERY
 from .requests import REQUEST_ATTR
@@ -66,8 +66,10 @@ class ApiChannel:
                 return
         try:
             self._storage.set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return
+        except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
+            if not is_finished_trial_error(error):
+                raise
+            return  # someone ended the trial already: there is nothing left to ask
         with self._lock:
             self._marked[trial_id] = None
             while len(self._marked) > MAX_TRIALS_KEPT:

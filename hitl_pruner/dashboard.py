@@ -1,12 +1,17 @@
 """Every optuna-dashboard internal we rely on, in one place, each with a test of its own.
 
-The tested range is pinned in pyproject.toml; tests/test_dashboard_internals.py fails loudly
-when an upgrade moves one of these.
+The tested range is pinned in pyproject.toml (0.19 to 0.21; scripts/test_matrix.sh runs the
+oldest, scripts/test.sh the newest); tests/test_dashboard_internals.py fails loudly when an
+upgrade moves one of these. What differs between those releases is in ``RELEASES``, chosen by
+the installed version when this module is imported; any other release refuses to import it,
+so a server never starts on internals nobody checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 from typing import Any
 from typing import Iterable
 
@@ -30,9 +35,86 @@ from optuna_dashboard._note import version_is_incremented
 from optuna_dashboard._storage_url import get_storage
 
 __all__ = [
-    "create", "forget_study", "get_storage", "note_str_key_prefix", "note_ver_key",
-    "refresh_trials", "save_note", "split_body",
+    "BUNDLE_API_BASE", "BUNDLE_ROUTER", "PAGE_CSP", "PAGE_CSP_ADDED", "RELEASE",
+    "UnsupportedDashboard", "create", "forget_study", "get_storage", "known_release",
+    "note_str_key_prefix", "note_ver_key", "refresh_trials", "save_note", "split_body",
 ]
+
+# Its note keys, note API and trial cache (_inmemory_cache.py) are the same in every release
+# below; so are its page (index.html) and its router's prefix in bundle.js.
+
+# bundle.js compiles its router's prefix in (webpack's DefinePlugin: URL_PREFIX="/dashboard").
+BUNDLE_ROUTER = b'url_prefix:"/dashboard"'
+
+# How bundle.js gives its API client a base URL, as three groups: before, the default, after;
+# prefix.prefixed_bundle puts the sub-path in the middle one (so a rewritten bundle matches too).
+# 0.19 and 0.20: an axios client built with `new class{...}(API_ENDPOINT)`, API_ENDPOINT unset
+# at build time, so `(void 0)`: requests go to "/api/...", relative to nothing.
+_AXIOS_BASE = re.compile(
+    rb'(this\.axiosInstance=[\w$]+\.create\(\{baseURL:e\}\)\}\}\()(void 0|"[^"]*")(\))'
+)
+# 0.21: a fetch client whose base is `API_ENDPOINT ?? ""` with trailing slashes trimmed.
+_FETCH_BASE = re.compile(
+    rb'(this\.baseURL=\(e=>\{[^}]*\}\)\(null!=e\?e:)("[^"]*")(\))'
+)
+
+# The Content-Security-Policy of its page (GET /dashboard...), as 0.20 and 0.21 send it when no
+# LLM provider is configured (one adds 'unsafe-inline' to script-src).
+_PAGE_CSP_0_20 = ";".join(
+    [
+        "default-src 'self'",
+        "img-src 'self' data: blob:",
+        "frame-src 'self'",
+        "object-src 'none'",
+        "connect-src 'self'",
+        "style-src 'self' data: 'unsafe-inline'",
+        "script-src 'self' 'unsafe-eval'",
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """What differs between the optuna-dashboard releases we know."""
+
+    api_base: re.Pattern[bytes]
+    # The policy its page is served with; None when it sends none (ui.py then adds 0.20's).
+    page_csp: str | None
+
+
+RELEASES = {
+    # 0.19: no Content-Security-Policy on its page; and no LLM provider (create() refuses one).
+    "0.19": Release(api_base=_AXIOS_BASE, page_csp=None),
+    "0.20": Release(api_base=_AXIOS_BASE, page_csp=_PAGE_CSP_0_20),
+    # 0.21: its API client moved from axios to fetch (another base-URL literal in bundle.js).
+    "0.21": Release(api_base=_FETCH_BASE, page_csp=_PAGE_CSP_0_20),
+}
+
+
+class UnsupportedDashboard(ImportError):
+    """The installed optuna-dashboard is not a release whose internals we know."""
+
+
+def known_release(version: str) -> Release:
+    """The ``RELEASES`` entry for an optuna-dashboard version, e.g. ``"0.20.0"``; raises
+    :class:`UnsupportedDashboard`, saying what to install, for any other."""
+    release = RELEASES.get(".".join(version.split(".")[:2]))
+    if release is None:
+        known = ", ".join(RELEASES)
+        raise UnsupportedDashboard(
+            f"hitl-pruner knows the internals of optuna-dashboard {known} (its note keys, trial "
+            f"cache, page and bundle strings), not of the installed {version}: install "
+            f"'optuna-dashboard>=0.19,<0.22'"
+        )
+    return release
+
+
+RELEASE = known_release(optuna_dashboard.__version__)
+BUNDLE_API_BASE = RELEASE.api_base
+PAGE_CSP = RELEASE.page_csp
+# The policy ui.py puts on the dashboard's page when the release sends none (0.19): the one 0.20
+# introduced, so the page is held to the same policy on every release. None: it sends its own.
+PAGE_CSP_ADDED = _PAGE_CSP_0_20 if PAGE_CSP is None else None
 
 
 def create(storage: BaseStorage, artifact_store: Any = None, *, llm_provider: Any = None) -> Any:

@@ -25,7 +25,6 @@ from typing import Any
 from typing import Iterable
 from typing import Sequence
 
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
@@ -34,6 +33,7 @@ from .audit import SWEEP
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
+from .optuna_compat import is_finished_trial_error
 from .requests import COOPERATIVE_ATTR
 from .requests import DEFAULT_ALIVE_FOR
 from .requests import REQUEST_ATTR
@@ -142,7 +142,9 @@ class ApiStore:
             raise LostRace()  # the request changed since we read it: leave it be
         try:
             self._storage.set_trial_state_values(entry.trial_id, entry.to_state)
-        except UpdateFinishedTrialError:
+        except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
+            if not is_finished_trial_error(error):
+                raise
             raise LostRace() from None
         if open_request is not None:
             # The trial's state is final now: a request still open for it is answered.
@@ -207,7 +209,9 @@ class ApiStore:
             self._storage.set_trial_system_attr(
                 request.trial_id, REQUEST_ATTR, request_value(request.target)
             )
-        except UpdateFinishedTrialError:
+        except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
+            if not is_finished_trial_error(error):
+                raise
             raise LostRace() from None
         self._storage.set_study_system_attr(
             request.study_id, f"{REQUEST_PREFIX}{request.trial_id}", _request_json(request)
@@ -223,8 +227,12 @@ class ApiStore:
         )
         try:
             self._storage.set_trial_system_attr(request.trial_id, REQUEST_ATTR, None)
-        except (UpdateFinishedTrialError, KeyError):
-            pass  # finished: its worker reads nothing any more
+        except KeyError:
+            pass  # deleted
+        except RuntimeError as error:
+            if not is_finished_trial_error(error):
+                raise
+            # finished: its worker reads nothing any more
 
     def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
         found = []

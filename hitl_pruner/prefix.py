@@ -31,6 +31,9 @@ from typing import Any
 from typing import Iterable
 from typing import Union
 
+from .dashboard import BUNDLE_API_BASE
+from .dashboard import BUNDLE_ROUTER
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
     from _typeshed.wsgi import WSGIApplication
@@ -133,22 +136,21 @@ class ProxyMiddleware:
         return any(ip in network for network in self._trusted)
 
 
-# optuna-dashboard 0.21 compiles its router's prefix and its API client's base URL into
-# bundle.js (webpack's DefinePlugin: URL_PREFIX="/dashboard", API_ENDPOINT unset): nothing the
-# page can set moves them. Under a prefix, these two literals are rewritten in the served copy.
+# optuna-dashboard compiles its router's prefix and its API client's base URL into bundle.js
+# (webpack's DefinePlugin: URL_PREFIX="/dashboard", API_ENDPOINT unset): nothing the page can
+# set moves them. Under a prefix, these two literals are rewritten in the served copy; the
+# installed release's spelling of each is in dashboard.py.
 BUNDLE_PATH = "/static/bundle.js"
-_ROUTER = b'url_prefix:"/dashboard"'
-_API_BASE = re.compile(rb'(this\.baseURL=\(e=>\{[^}]*\}\)\(null!=e\?e:)""(\))')
 
 
 def prefixed_bundle(bundle: bytes, prefix: str) -> bytes | None:
     """The dashboard's bundle with its routes and API calls under ``prefix``; None if the
     bundle does not have exactly one of each literal (another optuna-dashboard version)."""
     encoded = prefix.encode()
-    if bundle.count(_ROUTER) != 1 or len(_API_BASE.findall(bundle)) != 1:
+    if bundle.count(BUNDLE_ROUTER) != 1 or len(BUNDLE_API_BASE.findall(bundle)) != 1:
         return None
-    bundle = bundle.replace(_ROUTER, b'url_prefix:"' + encoded + b'/dashboard"')
-    return _API_BASE.sub(lambda m: m[1] + b'"' + encoded + b'"' + m[2], bundle)
+    bundle = bundle.replace(BUNDLE_ROUTER, b'url_prefix:"' + encoded + b'/dashboard"')
+    return BUNDLE_API_BASE.sub(lambda m: m[1] + b'"' + encoded + b'"' + m[3], bundle)
 
 
 def prefixed_page(page: bytes, prefix: str) -> bytes:

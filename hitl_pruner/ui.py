@@ -68,6 +68,7 @@ from . import outage
 from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
+from .dashboard import PAGE_CSP_ADDED
 from .live import AuditWatcher
 from .middleware import OUTCOME_HEADER
 from .prefix import BUNDLE_PATH
@@ -268,6 +269,8 @@ class UiMiddleware:
             if name.lower() not in ("content-length", "etag", "last-modified", "accept-ranges")
         ]
         kept += [("Content-Length", str(len(page))), ("Cache-Control", "no-cache")]
+        if PAGE_CSP_ADDED is not None:  # optuna-dashboard 0.19 sends no policy of its own
+            kept.append(("Content-Security-Policy", PAGE_CSP_ADDED))
         start_response(status, kept)
         return [] if method == "HEAD" else [page]
 

@@ -56,6 +56,8 @@ from optuna.trial import TrialState
 import sqlalchemy as sa
 
 from .api_channel import ApiChannel
+from .optuna_compat import OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST
+from .optuna_compat import is_finished_trial_error
 from .rdb import audit_t
 from .rdb import db_clock
 from .rdb import requests_t
@@ -235,7 +237,14 @@ def tell(
 
 
 def _log_request(number: int, request: TrialState) -> None:
-    if request == TrialState.FAIL:
+    if request == TrialState.FAIL and OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST:
+        logger.warning(
+            "a human asked to FAIL trial %d: should_prune() returns True, and the trial is "
+            "recorded as FAIL; on Optuna %s study.optimize then raises TrialPruned unless "
+            "called with catch=(optuna.TrialPruned,) (Optuna 4.5 and later go on)",
+            number, optuna.__version__,
+        )
+    elif request == TrialState.FAIL:
         logger.warning(
             "a human asked to FAIL trial %d: should_prune() returns True, and the trial is "
             "recorded as FAIL (Optuna's own log line says pruned)", number,
@@ -276,7 +285,9 @@ class _Channel:
                 return
         try:
             self._storage.set_trial_system_attr(trial_id, COOPERATIVE_ATTR, True)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
+            if not is_finished_trial_error(error):
+                raise
             return  # someone ended the trial already: there is nothing left to ask
         with self._lock:
             self._marked[trial_id] = None

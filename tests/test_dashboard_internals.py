@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+import subprocess
+import sys
+
 from helpers import call
 import optuna
 from optuna.storages import RDBStorage
 import optuna_dashboard
 from optuna_dashboard import save_note
+import pytest
 
 from hitl_pruner import dashboard
+
+BUNDLE = Path(optuna_dashboard.__file__).parent / "public" / "bundle.js"
+
+
+def test_the_installed_release_is_one_whose_internals_we_know() -> None:
+    assert dashboard.known_release(optuna_dashboard.__version__) is dashboard.RELEASE
+    for other in ("0.18.0", "0.22.0", "1.0.0"):
+        with pytest.raises(dashboard.UnsupportedDashboard, match=r"optuna-dashboard>=0\.19,<0\.22"):
+            dashboard.known_release(other)
+
+
+def test_another_release_refuses_to_start_and_says_why() -> None:
+    """No silent fallback: on a release we do not know, importing hitl_pruner fails."""
+    code = (
+        "import optuna_dashboard; optuna_dashboard.__version__ = '0.22.0'; import hitl_pruner"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "UnsupportedDashboard" in run.stderr
+    assert "not of the installed 0.22.0: install 'optuna-dashboard>=0.19,<0.22'" in run.stderr
+
+
+def test_the_bundle_has_one_router_prefix_and_one_api_base_as_its_release_spells_them() -> None:
+    bundle = BUNDLE.read_bytes()
+    assert bundle.count(dashboard.BUNDLE_ROUTER) == 1
+    [(_, default, _)] = dashboard.BUNDLE_API_BASE.findall(bundle)
+    assert default in (b"void 0", b'""')  # API_ENDPOINT unset: the API is at the root
+
+
+def test_the_dashboards_page_sends_the_policy_its_release_does(sqlite_url: str) -> None:
+    page = call(optuna_dashboard.wsgi(RDBStorage(sqlite_url)), "GET", "/dashboard")
+    assert page.status == 200
+    assert page.headers.get("Content-Security-Policy") == dashboard.PAGE_CSP
+    # Where it sends none (0.19), ours holds the page to the policy 0.20 introduced.
+    assert (dashboard.PAGE_CSP is None) == (dashboard.PAGE_CSP_ADDED is not None)
+
+
+def test_wsgi_takes_an_llm_provider_from_the_release_that_has_them() -> None:
+    takes = "llm_provider" in inspect.signature(optuna_dashboard.wsgi).parameters
+    assert takes == (dashboard.RELEASE is not dashboard.RELEASES["0.19"])
 
 
 def test_trial_notes_live_in_study_system_attrs_under_these_keys(sqlite_url: str) -> None:

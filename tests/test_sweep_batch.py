@@ -20,7 +20,6 @@ from optuna_dashboard import save_note
 import sqlalchemy as sa
 
 from hitl_pruner.audit import AuditEntry
-from hitl_pruner.middleware import HitlMiddleware
 
 trials_t: sa.Table = models.TrialModel.__table__  # type: ignore[assignment]
 values_t: sa.Table = models.TrialValueModel.__table__  # type: ignore[assignment]
@@ -241,15 +240,17 @@ def test_a_batch_reads_notes_of_every_length(storage_url: str) -> None:
 def test_a_note_save_racing_a_held_batch_is_applied_once_under_the_saves_name(
     storage_url: str,
 ) -> None:
-    """Another server's sweep reads two notes and decides, then stops before its batch write;
-    meanwhile our note-save of one of them applies it. The batch then writes nothing, the
-    other trial is applied by the sweep and the saved one is decided again (nothing to do):
-    one audit row each, the saved one under the save's source and user."""
+    """Another server's sweep reads two notes written by a script and decides, then stops
+    before its batch write; meanwhile a human saves the next version of one of them through us,
+    which applies it. The batch then writes nothing, the other trial is applied by the sweep
+    and the saved one is decided again (nothing to do): one audit row each, the saved one under
+    the save's source and user."""
     study, ids = make_study(storage_url)
     sid, saved, scripted = study._study_id, ids["running"], ids["running2"]
     app, other = app_for(storage_url), app_for(storage_url)
     app.sweeper.run_once()
     save_note(optuna.Trial(study, scripted), "PRUNE")
+    save_note(optuna.Trial(study, saved), "PRUNE")
     decided, go = threading.Event(), threading.Event()
     real = other.store.transition_many
 
@@ -259,19 +260,10 @@ def test_a_note_save_racing_a_held_batch_is_applied_once_under_the_saves_name(
         return real(entries)
 
     other.store.transition_many = held
-    middleware = hitl(app)
-    dashboard = middleware.app
     sweep = threading.Thread(target=other.sweeper.run_once)
-
-    def then_the_other_sweep_decides(environ: dict[str, Any], start_response: Any) -> Any:
-        body = list(dashboard(environ, start_response))
-        if environ["REQUEST_METHOD"] == "PUT" and not sweep.is_alive():
-            sweep.start()
-            assert decided.wait(30), "the other sweep never reached its write"
-        return body
-
-    middleware.app = then_the_other_sweep_decides
-    reply = save(app, sid, saved, 1, "PRUNE", environ={"REMOTE_USER": "alice"})
+    sweep.start()
+    assert decided.wait(30), "the other sweep never reached its write"
+    reply = save(app, sid, saved, 2, "loss diverges: PRUNE", environ={"REMOTE_USER": "alice"})
     go.set()
     sweep.join(30)
     assert reply.status == 204 and reply.outcome["action"] == "applied", reply.outcome
@@ -283,10 +275,3 @@ def test_a_note_save_racing_a_held_batch_is_applied_once_under_the_saves_name(
         (saved, "RUNNING", "PRUNED", "note-save", "alice"),
         (scripted, "RUNNING", "PRUNED", "sweep", None),
     ])
-
-
-def hitl(app: Any) -> HitlMiddleware:
-    layer = app
-    while not isinstance(layer, HitlMiddleware):
-        layer = vars(layer)["application"]
-    return layer

@@ -3,8 +3,9 @@
 
    Inside the dashboard this script only reads and adds DOM; it never edits the dashboard's
    files. It relies on:
-   - fetch: the dashboard's API client calls window.fetch for every request, so wrapping it
-     lets us read X-Hitl-Outcome from note saves and see which trial states the dashboard got;
+   - fetch: the dashboard's API client calls window.fetch for every request (0.21; 0.19 and
+     0.20 call XMLHttpRequest, through axios: wrapped too), so wrapping it lets us read
+     X-Hitl-Outcome from note saves and see which trial states the dashboard got;
    - the trial view (TrialListDetail): an <h4> "Trial N (trial_id=T)" followed by a row whose
      first chip is the trial's state, and the trial list, whose items are "Trial N" followed
      by chips.
@@ -244,14 +245,12 @@
   // need us no more. One in another state keeps its stand-in: with several server processes,
   // the answer can come from one that cached the trial just before the change (for a moment:
   // each process forgets a changed study within a quarter second, live.py).
-  const studyFetched = (studyId, response) => {
+  const studyFetched = (studyId, readJson) => {
     const waiting = [...overrides.values()].some((o) => o.studyId === studyId);
     if (!waiting) {
       return;
     }
-    response
-      .clone()
-      .json()
+    readJson()
       .then((data) => {
         for (const trial of data.trials || []) {
           const o = overrides.get(trial.trial_id);
@@ -265,6 +264,54 @@
       .catch(() => {});
   };
 
+  // An answer of the dashboard's API, whichever way the dashboard asked (fetch or XHR, below):
+  // ``answer`` has status, ok and headers.get/has; ``readJson`` reads its body.
+  const answered = (url, method, answer, readJson) => {
+    const path = local(url);
+    if (path === null || !path.startsWith("/api/")) {
+      return;
+    }
+    try {
+      const note = NOTE_PATH.exec(path);
+      const study = STUDY_PATH.exec(path);
+      if (note && method === "PUT" && answer.status === 204) {
+        noteSaved(Number(note[1]), Number(note[2]), answer);
+      } else if (answer.headers.has(OUTCOME_HEADER)) {
+        // e.g. the dashboard's Fail Trial button, which hitl-pruner handles too.
+        const outcome = JSON.parse(answer.headers.get(OUTCOME_HEADER));
+        showOutcome(outcome, numberOf(outcome.trial_id));
+      } else if (study && method === "GET" && answer.ok) {
+        studyFetched(Number(study[1]), readJson);
+      }
+    } catch (e) {
+      // Never let our bookkeeping break the dashboard's request.
+    }
+  };
+
+  // optuna-dashboard 0.19 and 0.20 call their API through axios, that is XMLHttpRequest
+  // (0.21 calls fetch): their answers are read here, before axios hands them on.
+  const realOpen = XMLHttpRequest.prototype.open;
+  const realSend = XMLHttpRequest.prototype.send;
+  XMLHttpRequest.prototype.open = function hitlOpen(method, url, ...rest) {
+    this.hitlRequest = { method: String(method).toUpperCase(), url: String(url) };
+    return realOpen.call(this, method, url, ...rest);
+  };
+  XMLHttpRequest.prototype.send = function hitlSend(body) {
+    const request = this.hitlRequest;
+    if (request) {
+      this.addEventListener("load", () => {
+        const headers = {
+          get: (name) => this.getResponseHeader(name),
+          has: (name) => this.getResponseHeader(name) !== null,
+        };
+        const ok = this.status >= 200 && this.status < 300;
+        const readJson = () => new Promise((resolve) => resolve(JSON.parse(this.responseText)));
+        answered(request.url, request.method, { status: this.status, ok, headers }, readJson);
+      });
+    }
+    return realSend.call(this, body);
+  };
+
   window.fetch = async function hitlFetch(input, init) {
     if (PREFIX && typeof input === "string") {
       input = underPrefix(input);
@@ -273,25 +320,7 @@
     const method = ((init && init.method) || (input instanceof Request ? input.method : "GET"))
       .toUpperCase();
     const response = await realFetch(input, init);
-    const path = local(url);
-    if (path === null || !path.startsWith("/api/")) {
-      return response;
-    }
-    try {
-      const note = NOTE_PATH.exec(path);
-      const study = STUDY_PATH.exec(path);
-      if (note && method === "PUT" && response.status === 204) {
-        noteSaved(Number(note[1]), Number(note[2]), response);
-      } else if (response.headers.has(OUTCOME_HEADER)) {
-        // e.g. the dashboard's Fail Trial button, which hitl-pruner handles too.
-        const outcome = JSON.parse(response.headers.get(OUTCOME_HEADER));
-        showOutcome(outcome, numberOf(outcome.trial_id));
-      } else if (study && method === "GET" && response.ok) {
-        studyFetched(Number(study[1]), response);
-      }
-    } catch (e) {
-      // Never let our bookkeeping break the dashboard's request.
-    }
+    answered(url, method, response, () => response.clone().json());
     if (response.status === 204) {
       // optuna-dashboard 0.21's API client parses every answer as JSON, and its 204 answers
       // have no body: without this, saving a note, telling a trial or deleting an artifact
