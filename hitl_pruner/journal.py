@@ -5,8 +5,13 @@ relabels are refused; RUNNING and WAITING trials can still be ended. With no tab
 trigger on, the sweep compares every note with what it saw last: a cost that grows with the
 number of notes, which a journal's in-memory replay already pays.
 
-Workers are never asked here: HumanInTheLoopPruner's cheap check and the FAIL trigger need an
-RDB storage, so a command ends a running trial at once, as without the wrapper.
+A cooperative worker (HumanInTheLoopPruner, hitl_pruner.ask) is asked as on an RDB, through the
+storage API alone: the request is the trial system attr ``hitl:request`` on the RUNNING trial,
+which the worker reads (api_channel.py), and the server's record of it, which the sweep settles,
+a study system attr ``hitl:request:<trial_id>`` (None once closed: the API cannot delete one).
+Evidence of a worker is the trial's mark and the workers' heartbeats (study system attrs
+``hitl:worker:*``). Without transactions, the compare-and-sets here are read-then-write; one
+sweep at a time (the file lock) keeps the sweep from racing itself.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import time
 from typing import Any
 from typing import Iterable
 from typing import Sequence
@@ -28,7 +34,13 @@ from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
 from .dashboard import note_ver_key
 from .optuna_compat import is_finished_trial_error
+from .requests import COOPERATIVE_ATTR
+from .requests import DEFAULT_ALIVE_FOR
+from .requests import REQUEST_ATTR
 from .requests import Request
+from .requests import evidence
+from .requests import newest_beat
+from .requests import request_value
 from .store import NOTE_KEY
 from .store import Change
 from .store import LostRace
@@ -38,6 +50,7 @@ from .transitions import LastChange
 from .transitions import Worker
 
 AUDIT_PREFIX = "hitl:audit:"
+REQUEST_PREFIX = "hitl:request:"
 
 
 class ApiStore:
@@ -106,22 +119,39 @@ class ApiStore:
     def claim(self, ref: TrialRef, note_version: int, target: TrialState, source: str,
               user: str | None) -> AuditEntry | Request | None:
         # A journal has no requests: only the sweep's audit record can be claimed.
-        claimed = None
+        claimed: AuditEntry | Request | None = None
         for key, entry in self._audit_items(ref.study_id):
             if (entry.trial_id, entry.note_version, entry.to_state, entry.source) == (
                 ref.trial_id, note_version, target, SWEEP
             ):
                 claimed = dataclasses.replace(entry, source=source, user=user)
                 self._storage.set_study_system_attr(ref.study_id, key, claimed.to_json())
+        request = self._open_request(ref.study_id, ref.trial_id)
+        if request is not None and (request.note_version, request.target, request.source) == (
+            note_version, target, SWEEP
+        ):
+            claimed = dataclasses.replace(request, source=source, user=user)
+            self._storage.set_study_system_attr(
+                ref.study_id, f"{REQUEST_PREFIX}{ref.trial_id}", _request_json(claimed)
+            )
         return claimed
 
     def transition(self, entry: AuditEntry, request: Request | None = None) -> None:
+        open_request = self._open_request(entry.study_id, entry.trial_id)
+        if request is not None and open_request != request:
+            raise LostRace()  # the request changed since we read it: leave it be
         try:
             self._storage.set_trial_state_values(entry.trial_id, entry.to_state)
         except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
             if not is_finished_trial_error(error):
                 raise
             raise LostRace() from None
+        if open_request is not None:
+            # The trial's state is final now: a request still open for it is answered.
+            self._close(open_request)
+        self._record(entry)
+
+    def _record(self, entry: AuditEntry) -> None:
         stamp = entry.at.strftime("%Y%m%dT%H%M%S%f")
         self._storage.set_study_system_attr(
             entry.study_id, f"{AUDIT_PREFIX}{stamp}:{entry.trial_id}", entry.to_json()
@@ -137,23 +167,98 @@ class ApiStore:
                 lost.append(entry)
         return lost
 
-    def worker(self, ref: TrialRef, *, alive_for: float = 0.0) -> Worker:
-        return Worker(cooperates=False)
+    def worker(self, ref: TrialRef, *, alive_for: float = DEFAULT_ALIVE_FOR) -> Worker:
+        return self.workers([ref], alive_for=alive_for).get(ref.trial_id, Worker(False))
 
-    def workers(self, refs: Iterable[TrialRef], *, alive_for: float = 0.0) -> dict[int, Worker]:
-        return {ref.trial_id: Worker(cooperates=False) for ref in refs}
+    def workers(self, refs: Iterable[TrialRef], *,
+                alive_for: float = DEFAULT_ALIVE_FOR) -> dict[int, Worker]:
+        """What we know of RUNNING trials' workers: only evidence, see requests.evidence."""
+        found: dict[int, Worker] = {}
+        study_attrs: dict[int, dict[str, Any]] = {}
+        now = time.time()
+        for ref in refs:
+            try:
+                trial = self._storage.get_trial(ref.trial_id)
+            except KeyError:
+                continue
+            if ref.study_id not in study_attrs:
+                study_attrs[ref.study_id] = self._storage.get_study_system_attrs(ref.study_id)
+            attrs = study_attrs[ref.study_id]
+            beat = newest_beat(attrs)
+            request = _open(attrs.get(f"{REQUEST_PREFIX}{ref.trial_id}"))
+            why = evidence(
+                marked=trial.system_attrs.get(COOPERATIVE_ATTR) is True,
+                reported=bool(trial.intermediate_values),
+                seen_ago=max(0.0, now - beat) if beat is not None else None,
+                alive_for=alive_for,
+            )
+            found[ref.trial_id] = Worker(
+                why is not None, request.target if request is not None else None, why or ""
+            )
+        return found
 
     def handled(self, ref: TrialRef, note_version: int) -> None:
         pass  # no queue: the sweep compares notes, and applies a handled one to no effect
 
     def ask(self, request: Request, replaces: TrialState | None) -> None:
-        raise NotImplementedError("journal storages never ask a worker")
+        current = self._open_request(request.study_id, request.trial_id)
+        if (current.target if current is not None else None) != replaces:
+            raise LostRace()  # another server, or our sweep, asked meanwhile
+        try:
+            # Optuna refuses this once the trial is finished: then there is nobody to ask.
+            self._storage.set_trial_system_attr(
+                request.trial_id, REQUEST_ATTR, request_value(request.target)
+            )
+        except RuntimeError as error:  # UpdateFinishedTrialError from Optuna 4.x on
+            if not is_finished_trial_error(error):
+                raise
+            raise LostRace() from None
+        self._storage.set_study_system_attr(
+            request.study_id, f"{REQUEST_PREFIX}{request.trial_id}", _request_json(request)
+        )
+
+    def _open_request(self, study_id: int, trial_id: int) -> Request | None:
+        attrs = self._storage.get_study_system_attrs(study_id)
+        return _open(attrs.get(f"{REQUEST_PREFIX}{trial_id}"))
+
+    def _close(self, request: Request) -> None:
+        self._storage.set_study_system_attr(
+            request.study_id, f"{REQUEST_PREFIX}{request.trial_id}", None
+        )
+        try:
+            self._storage.set_trial_system_attr(request.trial_id, REQUEST_ATTR, None)
+        except KeyError:
+            pass  # deleted
+        except RuntimeError as error:
+            if not is_finished_trial_error(error):
+                raise
+            # finished: its worker reads nothing any more
 
     def requests(self, study_ids: set[int] | None) -> list[tuple[Request, TrialState | None]]:
-        return []
+        found = []
+        for study in self._storage.get_all_studies():
+            if study_ids is not None and study._study_id not in study_ids:
+                continue
+            attrs = self._storage.get_study_system_attrs(study._study_id)
+            for key, value in attrs.items():
+                request = _open(value) if key.startswith(REQUEST_PREFIX) else None
+                if request is None:
+                    continue
+                try:
+                    state: TrialState | None = self._storage.get_trial(request.trial_id).state
+                except KeyError:
+                    state = None
+                found.append((request, state))
+        found.sort(key=lambda pair: pair[0].deadline)
+        return found
 
     def settle(self, request: Request, entry: AuditEntry | None) -> bool:
-        return False
+        if self._open_request(request.study_id, request.trial_id) != request:
+            return False  # closed or replaced by another server
+        self._close(request)
+        if entry is not None:
+            self._record(entry)
+        return True
 
     def notes(self, study_id: int, trial_ids: Iterable[int]) -> dict[int, Note]:
         attrs = self._storage.get_study_system_attrs(study_id)
@@ -229,3 +334,22 @@ def _entry(data: object) -> AuditEntry:
         undo=d["undo"],
         how=d.get("how", FORCED),
     )
+
+
+def _request_json(request: Request) -> str:
+    d = dataclasses.asdict(request)
+    d["target"] = request.target.name
+    d["requested_at"] = request.requested_at.isoformat()
+    d["deadline"] = request.deadline.isoformat()
+    return json.dumps(d)
+
+
+def _open(value: object) -> Request | None:
+    """The open request a REQUEST_PREFIX study attr holds; None once closed."""
+    if not value:
+        return None
+    d = dict(json.loads(value) if isinstance(value, str) else value)  # type: ignore[arg-type]
+    d["target"] = TrialState[d["target"]]
+    d["requested_at"] = datetime.datetime.fromisoformat(d["requested_at"])
+    d["deadline"] = datetime.datetime.fromisoformat(d["deadline"])
+    return Request(**d)

@@ -35,8 +35,11 @@ from .dashboard import note_ver_key
 from .dashboard import split_body
 from .requests import COOPERATIVE_ATTR
 from .requests import DEFAULT_ALIVE_FOR
+from .requests import REQUEST_ATTR
+from .requests import WORKER_ATTR_PREFIX
 from .requests import Request
 from .requests import evidence
+from .requests import request_value
 from .store import NOTE_KEY
 from .store import Change
 from .store import LostRace
@@ -525,14 +528,22 @@ class SqlStore:
             sa.select(db_clock() - sa.func.max(workers_t.c.seen_at))
             .where(workers_t.c.study_id == trials_t.c.study_id)
             .scalar_subquery(),
+            # Workers that reach the database through the gRPC proxy beat in study system
+            # attrs, on their own clock (requests.WORKER_ATTR_PREFIX); an exited one's is null.
+            sa.select(db_clock() - sa.func.max(sa.cast(attrs_t.c.value_json, sa.Double)))
+            .where(attrs_t.c.study_id == trials_t.c.study_id,
+                   attrs_t.c.key.like(f"{WORKER_ATTR_PREFIX}%"),
+                   attrs_t.c.value_json != "null")
+            .scalar_subquery(),
         ).where(trial_id.in_(ids))
         found: dict[int, Worker] = {}
         with self._engine.connect() as conn:
-            for tid, marked, reported, target, seen_ago in conn.execute(query):
+            for tid, marked, reported, target, *ago in conn.execute(query):
+                seen = [max(0.0, float(a)) for a in ago if a is not None]
                 why = evidence(
                     marked=bool(marked),
                     reported=bool(reported),
-                    seen_ago=max(0.0, float(seen_ago)) if seen_ago is not None else None,
+                    seen_ago=min(seen) if seen else None,
                     alive_for=alive_for,
                 )
                 found[tid] = Worker(
@@ -564,6 +575,9 @@ class SqlStore:
                     sa.insert(requests_t).from_select(list(row), values)
                 ).rowcount != 1:
                     raise LostRace()
+                # Where a worker without SQL of its own reads it (api_channel.py): the RUNNING
+                # trial's system attr, in the same transaction.
+                _set_request_attr(conn, request.trial_id, request_value(request.target))
         except sa.exc.IntegrityError:
             # Another server (or our sweep) asked between our read and our insert.
             raise LostRace() from None
@@ -623,6 +637,7 @@ class SqlStore:
             result = conn.execute(sa.delete(requests_t).where(*_same_request(request)))
             if result.rowcount != 1:
                 return False
+            _set_request_attr(conn, request.trial_id, None)
             if entry is not None:
                 conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
         return True
@@ -818,6 +833,16 @@ def _transition(conn: sa.Connection, entry: AuditEntry, request: Request | None)
     if request is not None and closed.rowcount != 1:
         raise LostRace()  # the request changed since we read it: leave it be
     conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
+
+
+def _set_request_attr(conn: sa.Connection, trial_id: int, value: object | None) -> None:
+    """Write (or, with None, delete) the trial's REQUEST_ATTR, as Optuna would store it."""
+    conn.execute(sa.delete(trial_attrs_t).where(trial_attrs_t.c.trial_id == trial_id,
+                                                 trial_attrs_t.c.key == REQUEST_ATTR))
+    if value is not None:
+        conn.execute(sa.insert(trial_attrs_t).values(
+            trial_id=trial_id, key=REQUEST_ATTR, value_json=json.dumps(value)
+        ))
 
 
 def _conflict(exc: sa.exc.DBAPIError) -> bool:

@@ -19,7 +19,18 @@ from optuna.trial import TrialState
 # whose worker reads our requests. (Earlier versions also wrote it as a study system attr, for
 # good; that one is ignored: it said a wrapped worker once ran, not that one runs now.)
 COOPERATIVE_ATTR = "hitl:cooperative"
-# A wrapped worker refreshes its heartbeat (a hitl_workers row per process and study) at most
+# The open request, where any worker reads it through Optuna's storage API (gRPC proxy,
+# journal): a trial system attr on the RUNNING trial, {"target": "PRUNED" | "FAIL", ...},
+# written by the server with the request (on an RDB, in the same transaction as its
+# hitl_requests row) and set to None when the request is dropped while the trial runs.
+REQUEST_ATTR = "hitl:request"
+# A wrapped worker that reaches the storage only through its API beats here instead of in
+# hitl_workers: study system attr "hitl:worker:<host:pid:token>" = its wall-clock time.time()
+# (None once it exited). The server reads it with its own clock, so clocks must agree to well
+# within worker_alive_for() (NTP does).
+WORKER_ATTR_PREFIX = "hitl:worker:"
+# A wrapped worker refreshes its heartbeat (a hitl_workers row, or a WORKER_ATTR_PREFIX study
+# system attr, per process and study) at most
 # this often, and only while it checks: so a check costs a write at most once per this many
 # seconds.
 HEARTBEAT_EVERY = 5.0
@@ -103,3 +114,25 @@ def settle(target: TrialState, state: TrialState | None, deadline: datetime.date
     if state == TrialState.COMPLETE:
         return Settle.RELABEL
     return Settle.DROP
+
+
+def request_value(target: TrialState) -> dict[str, str]:
+    """The REQUEST_ATTR value asking a worker to end its trial as ``target``."""
+    return {"target": target.name}
+
+
+def requested_target(value: object) -> TrialState | None:
+    """The state a REQUEST_ATTR value asks for; None for a dropped request or anything else."""
+    if isinstance(value, dict) and value.get("target") in ("PRUNED", "FAIL"):
+        return TrialState[value["target"]]
+    return None
+
+
+def newest_beat(attrs: dict[str, object]) -> float | None:
+    """The newest WORKER_ATTR_PREFIX heartbeat among a study's system attrs (time.time())."""
+    beats = [
+        float(v) for k, v in attrs.items()
+        if k.startswith(WORKER_ATTR_PREFIX) and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+    ]
+    return max(beats, default=None)

@@ -22,7 +22,11 @@ per ``HEARTBEAT_EVERY`` seconds (so at most one small write per that many second
 number of checks), stamped with the database's clock, and deleted when the process exits; a
 killed worker's row simply grows old, and the server stops believing it.
 
-Everything here needs an RDB storage; on any other storage the pruner is just the wrapped one.
+That is the SQL path, for a worker whose storage is an RDBStorage in its own process. A worker
+on any other storage (Optuna's gRPC storage proxy, a journal file or Redis, InMemoryStorage)
+does the same through Optuna's storage API alone (api_channel.py): the server writes each request
+as a trial system attr on the RUNNING trial too, and the heartbeat is a study system attr.
+Relabels reach the sampler on the SQL path only.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 import sqlalchemy as sa
 
+from .api_channel import ApiChannel
 from .optuna_compat import OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST
 from .optuna_compat import is_finished_trial_error
 from .rdb import audit_t
@@ -114,7 +119,9 @@ class HumanInTheLoopPruner(BasePruner):
         check_interval: the least number of seconds between two checks of the same trial (a
             check is one small indexed query). The first ``should_prune()`` of each trial always
             checks; 0 checks on every call. A request is seen at most this long after it was
-            made, plus the time to the next ``should_prune()``.
+            made, plus the time to the next ``should_prune()``. (Without SQL of its own, as
+            behind Optuna's gRPC proxy or on a journal, a check reads the trial's system attrs:
+            through the proxy one ``GetTrial`` call.)
 
     On its first ``should_prune()`` a trial is marked (trial system attr ``hitl:cooperative``):
     that is how the server knows to ask this worker rather than end the trial itself. While it
@@ -147,8 +154,6 @@ class HumanInTheLoopPruner(BasePruner):
         if self.wrapped.prune(study, trial):
             return True
         channel = _channel(study)
-        if channel is None:
-            return False
         now = time.monotonic()
         with self._lock:
             seen = self._trials.get(trial._trial_id)
@@ -198,10 +203,7 @@ def requested_state(study: optuna.Study, trial: optuna.Trial | FrozenTrial | int
     :class:`HumanInTheLoopPruner`, it marks the trial as one whose worker reads requests, and
     keeps this process's heartbeat on the study (a write at most every ``HEARTBEAT_EVERY`` s).
     """
-    channel = _channel(study)
-    if channel is None:
-        return None
-    return channel.check(study._study_id, _trial_id(study, trial), mark=True)
+    return _channel(study).check(study._study_id, _trial_id(study, trial), mark=True)
 
 
 def ask(study: optuna.Study, fixed_distributions: dict[str, Any] | None = None) -> optuna.Trial:
@@ -211,9 +213,7 @@ def ask(study: optuna.Study, fixed_distributions: dict[str, Any] | None = None) 
     trial is marked on its first ``should_prune()``.)
     """
     trial = study.ask(fixed_distributions)
-    channel = _channel(study)
-    if channel is not None:
-        channel.mark(trial._trial_id)
+    _channel(study).mark(trial._trial_id)
     return trial
 
 
@@ -393,13 +393,13 @@ class _Channel:
 
 # One channel per storage object, shared by every pruner and helper using it, because the
 # cache it refreshes belongs to the storage.
-_channels: weakref.WeakKeyDictionary[BaseStorage, _Channel | None] = (
+_channels: weakref.WeakKeyDictionary[BaseStorage, _Channel | ApiChannel] = (
     weakref.WeakKeyDictionary()
 )
 _channels_lock = threading.Lock()
 # Channels that wrote a heartbeat: when the process exits they delete their rows, so the server
 # stops asking at once instead of when the heartbeat grows old.
-_beating: weakref.WeakSet[_Channel] = weakref.WeakSet()
+_beating: weakref.WeakSet[_Channel | ApiChannel] = weakref.WeakSet()
 
 
 @atexit.register
@@ -408,14 +408,14 @@ def _retire_all() -> None:
         channel.retire()
 
 
-def _channel(study: optuna.Study) -> _Channel | None:
+def _channel(study: optuna.Study) -> _Channel | ApiChannel:
     storage = study._storage
     with _channels_lock:
         try:
             return _channels[storage]
         except KeyError:
             backend = _rdb_backend(storage)
-            channel = _Channel(storage, backend) if backend is not None else None
+            channel = _Channel(storage, backend) if backend is not None else ApiChannel(storage)
             _channels[storage] = channel
             return channel
 

@@ -29,7 +29,8 @@ INTERVAL = 0.2
 # --- the worker program ----------------------------------------------------------------------
 
 
-def worker_main(mode: str, url: str, study_name: str, n_trials: int, steps: int) -> None:
+def worker_main(mode: str, url: str | optuna.storages.BaseStorage, study_name: str, n_trials: int,
+                steps: int) -> None:
     import logging
 
     import hitl_pruner
