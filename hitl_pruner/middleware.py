@@ -114,10 +114,10 @@ class HitlMiddleware:
             self.start_background()
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        # bottle upper-cases the method: "get" is a GET to it, and reads nothing but GET's routes.
-        if self.health is not None and path == HEALTH_PATH and method.upper() in ("GET", "HEAD"):
+        if path == HEALTH_PATH and self.health is not None and method.upper() in ("GET", "HEAD"):
             return self.health(environ, start_response)
-        if method.upper() in SAFE_METHODS:
+        # bottle upper-cases the method: "get" is a GET to it, and reads nothing but GET's routes.
+        if method == "GET" or method.upper() in SAFE_METHODS:
             return self.app(environ, start_response)
         route = mutating_route(method, path)
         if route is None:

@@ -94,6 +94,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 # The dashboard serves its single-page app for every path under /dashboard.
 # Matched on the path as the dashboard reads it (routes.dashboard_path): any spelling it serves.
 DASHBOARD_PAGE = re.compile(r"^/dashboard(/.*)?$")
+NEVER_THE_PAGE = ("/api/", "/static/")
 STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)\Z")
 # Ids in plain form only, as routes.py: ASCII digits, no sign or leading zero, below 2**63.
 TRIAL_PATH = re.compile(rf"^/hitl/api/studies/{ID}/{ID}\Z")
@@ -200,7 +201,9 @@ class UiMiddleware:
                 logger.exception("%s %s failed", method, path)
                 return _json(start_response, "500 Internal Server Error",
                              {"reason": "internal server error"})
-        if method in ("GET", "HEAD") and DASHBOARD_PAGE.match(dashboard_path(path) or ""):
+        # The API and the bundle, most requests, are never the page in any reading of the path.
+        if (method in ("GET", "HEAD") and not path.startswith(NEVER_THE_PAGE)
+                and DASHBOARD_PAGE.match(dashboard_path(path) or "")):
             return self._page(environ, start_response, method)
         prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
         if prefix and method in ("GET", "HEAD"):
