@@ -43,7 +43,7 @@ MAX_TELL_REQUEST = 64 * 1024
 JSON_TYPES = ("application/json", "application/json-rpc")
 OUTCOME_HEADER = "X-Hitl-Outcome"
 # The note API's answer to a save of another version than the stored one + 1, word for word
-# (optuna_dashboard/_app.py save_trial_note; tests/test_dashboard_internals.py checks it).
+# (optuna_dashboard/_app.py save_trial_note; tests/test_note_save.py compares the two).
 NOTE_CHANGED = (
     "The text you are editing has changed. Please copy your edits and refresh the page."
 )
