@@ -90,7 +90,7 @@ class ApiChannel:
                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                            RETRY_AFTER)
             return None
-        self._beat(study_id)
+        self.beat(study_id)
         target = requested_target(attrs.get(REQUEST_ATTR))
         if target == TrialState.FAIL:
             self._fail_on_tell(trial_id)
@@ -104,7 +104,7 @@ class ApiChannel:
             if _SETTER not in vars(self._storage):
                 setattr(self._storage, _SETTER, _FailOnTell(self))
 
-    def _beat(self, study_id: int) -> None:
+    def beat(self, study_id: int) -> None:
         now = time.monotonic()
         with self._lock:
             if self._pid != os.getpid():

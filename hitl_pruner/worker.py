@@ -212,8 +212,12 @@ def ask(study: optuna.Study, fixed_distributions: dict[str, Any] | None = None) 
     (Inside ``study.optimize`` Optuna calls a pruner only from ``should_prune()``, so there a
     trial is marked on its first ``should_prune()``.)
     """
+    channel = _channel(study)
+    # The heartbeat first: until the mark below is written, it is the evidence that a human's
+    # request for the new trial is to be asked of this worker, not forced on it.
+    channel.beat(study._study_id)
     trial = study.ask(fixed_distributions)
-    _channel(study).mark(trial._trial_id)
+    channel.mark(trial._trial_id)
     return trial
 
 
@@ -315,10 +319,10 @@ class _Channel:
                 "database? Trying again in %.0f s", str(exc).splitlines()[0], RETRY_AFTER,
             )
             return None
-        self._beat(study_id)
+        self.beat(study_id)
         return TrialState[target] if target else None
 
-    def _beat(self, study_id: int) -> None:
+    def beat(self, study_id: int) -> None:
         """Refresh this process's heartbeat on the study, if the last is HEARTBEAT_EVERY old."""
         now = time.monotonic()
         with self._lock:

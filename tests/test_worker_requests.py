@@ -373,3 +373,30 @@ def test_uninstall_removes_the_fail_trigger_and_the_requests_table(storage_url: 
     # Optuna's own tell works as before, with nothing of ours left to turn PRUNED into FAIL.
     study.tell(optuna.Trial(study, ids["running"]), state=S.PRUNED)
     assert state(storage_url, ids["running"]) is S.PRUNED
+
+
+def test_a_human_acting_before_ask_marks_its_new_trial_asks_the_worker(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (CI): hitl_pruner.ask() marks the trial just after Optuna creates it, and on
+    a worker's first trial nothing else showed it alive: a PRUNE saved in between forced the
+    trial. The heartbeat now comes first, so the request is asked of the worker."""
+    import hitl_pruner
+    from hitl_pruner import worker
+
+    study = optuna.create_study(storage=storage_url)
+    app = app_for(storage_url, grace=60)
+    channel = worker._channel(study)
+    mark = channel.mark
+    outcomes: list[dict[str, object] | None] = []
+
+    def human_first(trial_id: int) -> None:
+        outcomes.append(save(app, study._study_id, trial_id, 1, "PRUNE").outcome)
+        mark(trial_id)
+
+    monkeypatch.setattr(channel, "mark", human_first)
+    trial = hitl_pruner.ask(study)
+    [outcome] = outcomes
+    assert outcome is not None and outcome["action"] == "requested", outcome
+    assert hitl_pruner.requested_state(study, trial) is S.PRUNED
+    assert state(storage_url, trial._trial_id) is S.RUNNING
