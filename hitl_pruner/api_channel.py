@@ -11,7 +11,7 @@ FAIL: ``study.optimize`` survives only ``TrialPruned`` without ``catch=``, so th
 True to a FAIL request too, and the objective raises TrialPruned. On an RDB a trigger turns that
 PRUNED into FAIL (rdb.py); a journal has none, and Optuna refuses to change a finished trial, so
 the worker's own write is rewritten: until the trial's state is written, this storage object's
-``set_trial_state_values`` writes FAIL where Optuna asks for PRUNED (:class:`_FailOnTell`).
+``set_trial_state_values`` writes FAIL where Optuna asks for PRUNED (fail_tell.py).
 Optuna reads the trial (RUNNING) before it writes, and logs "pruned"; the stored trial is FAIL.
 """
 
@@ -24,12 +24,11 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any
-from typing import Sequence
 
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
+from . import fail_tell
 from .optuna_compat import is_finished_trial_error
 from .requests import COOPERATIVE_ATTR
 from .requests import HEARTBEAT_EVERY
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER = 60.0
 MAX_TRIALS_KEPT = 1024
-_SETTER = "set_trial_state_values"
 
 
 class ApiChannel:
@@ -57,8 +55,6 @@ class ApiChannel:
         self._worker = ""
         self._beats: dict[int, float] = {}
         self._beat_retry_at = 0.0
-        # Trials whose next state write turns PRUNED into FAIL (a human asked FAIL).
-        self._failing: set[int] = set()
 
     def mark(self, trial_id: int) -> None:
         with self._lock:
@@ -93,16 +89,17 @@ class ApiChannel:
         self.beat(study_id)
         target = requested_target(attrs.get(REQUEST_ATTR))
         if target == TrialState.FAIL:
-            self._fail_on_tell(trial_id)
+            fail_tell.expect_fail(self._storage, trial_id, still_fail=self._still_fail)
         return target
 
-    def _fail_on_tell(self, trial_id: int) -> None:
-        with self._lock:
-            self._failing.add(trial_id)
-            # An instance attribute, only while a FAIL is pending: the storage pickles its
-            # __dict__ (JournalStorage, GrpcStorageProxy), so it is not left there for good.
-            if _SETTER not in vars(self._storage):
-                setattr(self._storage, _SETTER, _FailOnTell(self))
+    def _still_fail(self, trial_id: int) -> bool:
+        """Whether the request is FAIL now, as the RDB trigger decides at the update: a human
+        may have changed it to PRUNE since the check (one read, only on this rare path)."""
+        try:
+            attrs = self._storage.get_trial_system_attrs(trial_id)
+        except Exception:
+            return True  # what the check saw stands
+        return requested_target(attrs.get(REQUEST_ATTR)) == TrialState.FAIL
 
     def beat(self, study_id: int) -> None:
         now = time.monotonic()
@@ -150,37 +147,3 @@ class ApiChannel:
             except Exception as exc:  # exiting: the heartbeat simply grows old
                 logger.debug("could not retire this worker's heartbeat: %s", exc)
                 return
-
-
-class _FailOnTell:
-    """``storage.set_trial_state_values`` while FAIL requests are pending in this process: the
-    worker's PRUNED for such a trial is written as FAIL (what the RDB trigger does on an RDB).
-
-    Any state write for the trial ends its pending FAIL; with none left, the storage's own
-    method is back."""
-
-    def __init__(self, channel: ApiChannel) -> None:
-        self._channel = channel
-
-    def __call__(self, trial_id: int, state: TrialState,
-                 values: Sequence[float] | None = None) -> bool:
-        channel = self._channel
-        storage = channel._storage
-        with channel._lock:
-            failing = trial_id in channel._failing
-            channel._failing.discard(trial_id)
-            if not channel._failing and isinstance(vars(storage).get(_SETTER), _FailOnTell):
-                delattr(storage, _SETTER)
-        if failing and state == TrialState.PRUNED and self._still_fail(trial_id):
-            state, values = TrialState.FAIL, None
-        method: Any = getattr(type(storage), _SETTER)
-        return bool(method(storage, trial_id, state, values))
-
-    def _still_fail(self, trial_id: int) -> bool:
-        """Whether the request is FAIL now, as the RDB trigger decides at the update: a human
-        may have changed it to PRUNE since the check (one read, only on this rare path)."""
-        try:
-            attrs = self._channel._storage.get_trial_system_attrs(trial_id)
-        except Exception:
-            return True  # what the check saw stands
-        return requested_target(attrs.get(REQUEST_ATTR)) == TrialState.FAIL

@@ -28,6 +28,5 @@ def _release(version: str) -> tuple[int, int]:
 # Optuna 4.0 to 4.4: after telling a trial PRUNED, study.optimize reads the trial back and, when
 # it is stored as FAIL (a human's FAIL request: the server's trigger stores PRUNED as FAIL),
 # raises the objective's TrialPruned out of optimize unless ``catch`` holds it. Optuna 4.5
-# judges by the state it told instead (optuna PR #6133), so a FAIL request ends the trial
-# and optimize goes on.
+# judges by the state it told instead (optuna PR #6133); fail_tell.py answers that read as told.
 OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST = _release(optuna.__version__) < (4, 5)

@@ -55,8 +55,8 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 import sqlalchemy as sa
 
+from . import fail_tell
 from .api_channel import ApiChannel
-from .optuna_compat import OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST
 from .optuna_compat import is_finished_trial_error
 from .rdb import audit_t
 from .rdb import db_clock
@@ -241,14 +241,7 @@ def tell(
 
 
 def _log_request(number: int, request: TrialState) -> None:
-    if request == TrialState.FAIL and OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST:
-        logger.warning(
-            "a human asked to FAIL trial %d: should_prune() returns True, and the trial is "
-            "recorded as FAIL; on Optuna %s study.optimize then raises TrialPruned unless "
-            "called with catch=(optuna.TrialPruned,) (Optuna 4.5 and later go on)",
-            number, optuna.__version__,
-        )
-    elif request == TrialState.FAIL:
+    if request == TrialState.FAIL:
         logger.warning(
             "a human asked to FAIL trial %d: should_prune() returns True, and the trial is "
             "recorded as FAIL (Optuna's own log line says pruned)", number,
@@ -320,6 +313,8 @@ class _Channel:
             )
             return None
         self.beat(study_id)
+        if target == TrialState.FAIL.name:
+            fail_tell.expect_fail(self._storage, trial_id, still_fail=None)  # the trigger's job
         return TrialState[target] if target else None
 
     def beat(self, study_id: int) -> None:

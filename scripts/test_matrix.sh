@@ -20,6 +20,7 @@ TESTS=(
   tests/test_worker.py
   tests/test_worker_processes.py
   tests/test_cooperation.py
+  tests/test_journal_cooperation.py
   tests/test_e2e.py
   tests/test_browser.py
   tests/test_browser_live.py

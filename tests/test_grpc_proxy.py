@@ -227,7 +227,7 @@ def test_workers_on_a_journal_file_end_a_pruned_and_a_failed_trial_and_carry_on(
     tmp_path: Path,
 ) -> None:
     """A journal has no trigger and never changes a finished trial: the worker writes FAIL
-    itself where Optuna asks for PRUNED (api_channel._FailOnTell)."""
+    itself where Optuna asks for PRUNED (fail_tell.py)."""
     path = tmp_path / "journal.log"
     spec = f"journal-file:{path}"
     observer = open_spec(spec)

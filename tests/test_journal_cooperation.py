@@ -58,6 +58,8 @@ def _served(request: pytest.FixtureRequest, tmp_path: Any,
     else:
         # Optuna's gRPC proxy over each RDB backend, in this process: the worker sees the
         # storage API and nothing else, and the server is SqlStore.
+        if not hasattr(optuna.storages, "GrpcStorageProxy"):
+            pytest.skip(f"Optuna {optuna.__version__} has no gRPC proxy (it came in 4.2)")
         from optuna.storages import GrpcStorageProxy
         from optuna.storages._grpc.server import make_server
 
@@ -104,6 +106,7 @@ def test_a_prune_and_a_fail_reach_the_worker_as_a_trial_attr_and_end_as_asked(
     assert storage.get_trial(pruned._trial_id).state is S.PRUNED
     assert storage.get_trial(failed._trial_id).state is S.FAIL
     assert "set_trial_state_values" not in vars(storage), "the rewrite leaves with its trial"
+    assert "get_trial" not in vars(storage)
     pickle.dumps(storage)
 
     app.sweeper.run_once()
@@ -111,6 +114,30 @@ def test_a_prune_and_a_fail_reach_the_worker_as_a_trial_attr_and_end_as_asked(
     assert sorted((e.trial_id, e.to_state.name, e.how) for e in app.store.audit()) == sorted([
         (pruned._trial_id, "PRUNED", "worker"), (failed._trial_id, "FAIL", "worker"),
     ])
+
+
+def test_optimize_without_catch_ends_a_failed_trial_fail_and_runs_every_trial(
+    served: tuple[BaseStorage, Any],
+) -> None:
+    """The FAIL told as PRUNED is stored FAIL, and optimize goes on: on Optuna 4.0 to 4.4 too,
+    which read the trial back after telling it (fail_tell.py)."""
+    storage, app = served
+    study = study_on(storage)
+
+    def objective(trial: optuna.Trial) -> float:
+        for step in range(3):
+            trial.report(step, step)
+            if step == 1 and trial.number in (0, 2):
+                body = "FAIL" if trial.number == 0 else "PRUNE"
+                outcome = save(app, study._study_id, trial._trial_id, 1, body).outcome
+                assert outcome["action"] == "requested", outcome
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return 1.0
+
+    study.optimize(objective, n_trials=4)
+    assert [t.state for t in study.get_trials()] == [S.FAIL, S.COMPLETE, S.PRUNED, S.COMPLETE]
+    assert not {"set_trial_state_values", "get_trial"} & set(vars(storage))
 
 
 def test_a_trial_not_reported_yet_is_asked_only_while_the_workers_heartbeat_is_fresh(

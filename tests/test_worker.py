@@ -34,9 +34,9 @@ import sqlalchemy as sa
 
 import hitl_pruner
 from hitl_pruner import HumanInTheLoopPruner
+from hitl_pruner import fail_tell
 from hitl_pruner import rdb
 from hitl_pruner import worker
-from hitl_pruner.optuna_compat import OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST
 
 
 def audit_how(url: str) -> list[tuple[int, str, str]]:
@@ -78,15 +78,6 @@ def human_at_step_1(app: Any, notes: dict[int, str], steps: int = 4) -> Any:
     return objective
 
 
-# Optuna 4.0 to 4.4 raise the objective's TrialPruned out of optimize when the trial it told
-# PRUNED is stored as FAIL (hitl_pruner/optuna_compat.py); strict: passing there is news.
-RAISES_AFTER_FAIL = pytest.mark.xfail(
-    OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST, raises=optuna.TrialPruned, strict=True,
-    reason=f"optimize re-raises TrialPruned after a FAIL request on Optuna {optuna.__version__}",
-)
-
-
-@RAISES_AFTER_FAIL
 def test_prune_and_fail_notes_end_their_trials_and_optimize_runs_every_trial(
     storage_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -104,7 +95,6 @@ def test_prune_and_fail_notes_end_their_trials_and_optimize_runs_every_trial(
     assert audit_how(storage_url) == [(1, "PRUNED", "worker"), (2, "FAIL", "worker")]
 
 
-@RAISES_AFTER_FAIL
 def test_the_fail_button_ends_a_running_trial_as_fail_and_optimize_goes_on(
     sqlite_url: str,
 ) -> None:
@@ -125,19 +115,31 @@ def test_the_fail_button_ends_a_running_trial_as_fail_and_optimize_goes_on(
     assert [t.state for t in study.get_trials()] == [S.FAIL, S.COMPLETE]
 
 
-def test_a_fail_note_ends_its_trial_as_fail_under_optimize_with_catch_on_any_optuna(
+def test_a_fail_note_ends_its_trial_as_fail_under_optimize_with_catch_too(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """What the README tells Optuna 4.0 to 4.4 users: catch=(optuna.TrialPruned,) keeps a
-    human's FAIL inside optimize; the log says so where it is needed."""
+    """Scripts written for older releases of this README pass catch=(optuna.TrialPruned,): the
+    same FAIL, the same log, nothing caught."""
     app = app_for(sqlite_url, grace=60)
     study = hitl_study(sqlite_url)
     with caplog.at_level(logging.INFO, logger="hitl_pruner"):
         study.optimize(human_at_step_1(app, {0: "FAIL"}), n_trials=2,
                        catch=(optuna.TrialPruned,))
     assert [t.state for t in study.get_trials()] == [S.FAIL, S.COMPLETE]
-    hint = "unless called with catch=(optuna.TrialPruned,)"
-    assert (hint in caplog.text) == OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST
+    assert "a human asked to FAIL trial 0" in caplog.text
+    assert "catch=" not in caplog.text
+
+
+def test_the_tell_is_left_as_it_was_once_the_failed_trial_is_told(sqlite_url: str) -> None:
+    """What fail_tell puts on the study's storage for a FAIL request (Optuna 4.0 to 4.4: the
+    read-back) is gone once the trial is told: no later trial is read or written through it."""
+    app = app_for(sqlite_url, grace=60)
+    study = hitl_study(sqlite_url)
+    seen: list[bool] = []
+    study.optimize(human_at_step_1(app, {0: "FAIL"}), n_trials=2,
+                   callbacks=[lambda s, t: seen.append(fail_tell.pending(s._storage))])
+    assert seen == [False, False]
+    assert "get_trial" not in vars(study._storage)
 
 
 def heartbeats(url: str) -> list[tuple[int, str]]:

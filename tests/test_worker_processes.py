@@ -34,7 +34,6 @@ def worker_main(mode: str, url: str | optuna.storages.BaseStorage, study_name: s
     import logging
 
     import hitl_pruner
-    from hitl_pruner.optuna_compat import OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST
 
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -77,10 +76,8 @@ def worker_main(mode: str, url: str | optuna.storages.BaseStorage, study_name: s
                 time.sleep(STEP_SECONDS)
             return 1.0
 
-        # What the README tells Optuna 4.0 to 4.4 users, whose optimize raises a human's FAIL
-        # otherwise (hitl_pruner/optuna_compat.py); from 4.5 on, no catch is needed.
-        catch = (optuna.TrialPruned,) if OPTIMIZE_RAISES_AFTER_A_FAIL_REQUEST else ()
-        study.optimize(objective, n_trials=n_trials, catch=catch,
+        # No catch=: a human's FAIL must not escape optimize, on any supported Optuna.
+        study.optimize(objective, n_trials=n_trials,
                        callbacks=[lambda _study, trial: ran.append(trial.number)])
     print(json.dumps({"ran": ran}), flush=True)
 
