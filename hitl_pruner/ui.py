@@ -382,13 +382,17 @@ class UiMiddleware:
         }
         return _json(start_response, "200 OK", payload)
 
-    def _action_rows(self, entries: list[AuditEntry], prefix: str) -> list[dict[str, Any]]:
+    def _action_rows(
+        self, entries: list[AuditEntry], prefix: str, *, undo: bool = True
+    ) -> list[dict[str, Any]]:
         """The actions API's rows: each record, the trial's state now, and whether Undo can."""
         store = self.applier.store
-        trial_ids = {e.trial_id for e in entries}
-        now = store.trials(trial_ids)
-        # Of the whole audit, not this page: a filter may leave the newer record out.
-        newest = store.newest_audit_ids(trial_ids)
+        now = store.trials({e.trial_id for e in entries})
+        # Of the whole audit, not this page: a filter may leave the newer record out. Only a
+        # relabel can be undone, so only a relabel's trial is looked up.
+        newest = store.newest_audit_ids(
+            {e.trial_id for e in entries if e.retroactive and not e.undo} if undo else ()
+        )
         actions = []
         for entry in entries:
             ref = now.get(entry.trial_id)
@@ -440,7 +444,7 @@ class UiMiddleware:
         writer.writerow(CSV_COLUMNS)
         entries, cursor = page
         while True:
-            for row in self._action_rows(entries, prefix):
+            for row in self._action_rows(entries, prefix, undo=False):
                 writer.writerow([_csv_cell(row.get(column)) for column in CSV_COLUMNS])
             yield out.getvalue().encode()
             out.seek(0)
