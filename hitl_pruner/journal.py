@@ -42,6 +42,7 @@ from .requests import evidence
 from .requests import newest_beat
 from .requests import request_value
 from .store import NOTE_KEY
+from .store import AuditFilter
 from .store import Change
 from .store import LostRace
 from .store import Note
@@ -51,6 +52,7 @@ from .transitions import Worker
 
 AUDIT_PREFIX = "hitl:audit:"
 REQUEST_PREFIX = "hitl:request:"
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 class ApiStore:
@@ -305,6 +307,36 @@ class ApiStore:
             entries += [_entry(v) for k, v in attrs.items() if k.startswith(AUDIT_PREFIX)]
         entries.sort(key=lambda e: e.at, reverse=True)
         return entries[:limit]
+
+    def audit_page(
+        self, where: AuditFilter, *, before: int | None = None, limit: int = 100
+    ) -> tuple[list[AuditEntry], int | None]:
+        # The cursor is a record's time in microseconds, as in live.py's feed. Records of one
+        # microsecond stay on one page (it may run over ``limit``), so a cursor never falls
+        # between two of them.
+        found = sorted(
+            (e for e in self.audit(limit=2**62)
+             if where.matches(e) and (before is None or _micros(e.at) < before)),
+            key=lambda e: (_micros(e.at), e.trial_id), reverse=True,
+        )
+        end = min(limit, len(found))
+        while 0 < end < len(found) and _micros(found[end].at) == _micros(found[end - 1].at):
+            end += 1
+        page = found[:end]
+        return page, (_micros(page[-1].at) if end < len(found) else None)
+
+    def audit_entry(self, audit_id: int) -> AuditEntry | None:
+        return None  # a journal's records have no ids
+
+    def newest_audit_ids(self, trial_ids: Iterable[int]) -> dict[int, int]:
+        return {}
+
+
+def _micros(at: datetime.datetime) -> int:
+    """A record's time in microseconds since the epoch: its cursor."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=datetime.timezone.utc)
+    return (at - _EPOCH) // datetime.timedelta(microseconds=1)
 
 
 def _note(attrs: dict[str, Any], trial_id: int) -> Note | None:

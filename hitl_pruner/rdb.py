@@ -41,6 +41,7 @@ from .requests import Request
 from .requests import evidence
 from .requests import request_value
 from .store import NOTE_KEY
+from .store import AuditFilter
 from .store import Change
 from .store import LostRace
 from .store import Note
@@ -121,6 +122,18 @@ meta_t = sa.Table(
     sa.Column("value", sa.String(256), nullable=False),
 )
 
+# The Human actions view lists the audit newest first, filtered, a page at a time below an id
+# (SqlStore.audit_page). Each filter has an index that ends in id, so a page is one ordered
+# index range however large the audit and however deep the page; combined filters walk the
+# index of one of them. Added to an existing hitl_audit by install() (_install_indexes).
+AUDIT_LISTING_INDEXES = (
+    sa.Index("ix_hitl_audit_study", audit_t.c.study_id, audit_t.c.id),
+    sa.Index("ix_hitl_audit_study_trial", audit_t.c.study_id, audit_t.c.trial_number,
+             audit_t.c.id),
+    sa.Index("ix_hitl_audit_user", audit_t.c.user_name, audit_t.c.id),
+    sa.Index("ix_hitl_audit_to_state", audit_t.c.to_state, audit_t.c.id),
+    sa.Index("ix_hitl_audit_kind", audit_t.c.retroactive, audit_t.c.is_undo, audit_t.c.id),
+)
 
 class db_clock(sa.sql.functions.FunctionElement[float]):
     """The database server's clock, in seconds since the epoch."""
@@ -337,6 +350,7 @@ class SqlStore:
             for attempt in range(ATTEMPTS):
                 try:
                     metadata.create_all(self._engine, checkfirst=True)
+                    self._install_indexes()
                     self._install_triggers()
                     self._bootstrap()
                     return
@@ -355,6 +369,19 @@ class SqlStore:
                 "needs CREATE and TRIGGER privileges on the Optuna database (MySQL with binary "
                 "logging also needs log_bin_trust_function_creators=1)."
             ) from None
+
+    def _install_indexes(self) -> None:
+        """Add the audit listing's indexes to a hitl_audit made by an older version.
+
+        create_all makes a table's indexes only with the table. Concurrent installs are
+        retried by install(), and then find the index made.
+        """
+        with self._engine.begin() as conn:
+            have = {index["name"] for index in sa.inspect(conn).get_indexes(audit_t.name)}
+            for index in AUDIT_LISTING_INDEXES:
+                if index.name not in have:
+                    logger.info("adding the index %s to %s", index.name, audit_t.name)
+                    index.create(conn)
 
     def _install_triggers(self) -> None:
         with self._engine.begin() as conn:
@@ -798,6 +825,36 @@ class SqlStore:
         with self._engine.connect() as conn:
             return [_audit_entry(row) for row in conn.execute(query)]
 
+    def audit_page(
+        self, where: AuditFilter, *, before: int | None = None, limit: int = 100
+    ) -> tuple[list[AuditEntry], int | None]:
+        query = sa.select(audit_t).where(*_audit_where(where))
+        if before is not None:
+            query = query.where(audit_t.c.id < before)
+        # One more than asked: whether there is a next page, without a count.
+        query = query.order_by(audit_t.c.id.desc()).limit(limit + 1)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        entries = [_audit_entry(row) for row in rows[:limit]]
+        return entries, (entries[-1].id if len(rows) > limit else None)
+
+    def audit_entry(self, audit_id: int) -> AuditEntry | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(audit_t).where(audit_t.c.id == audit_id)).first()
+        return _audit_entry(row) if row is not None else None
+
+    def newest_audit_ids(self, trial_ids: Iterable[int]) -> dict[int, int]:
+        ids = sorted(set(trial_ids))
+        if not ids:
+            return {}
+        query = (
+            sa.select(audit_t.c.trial_id, sa.func.max(audit_t.c.id))
+            .where(audit_t.c.trial_id.in_(ids))
+            .group_by(audit_t.c.trial_id)
+        )
+        with self._engine.connect() as conn:
+            return {trial_id: newest for trial_id, newest in conn.execute(query)}
+
 
 # Errors after which the database has rolled the transaction back, and the same writes may be
 # tried again: PostgreSQL's deadlock and serialization failure, MySQL's deadlock and lock wait
@@ -854,6 +911,30 @@ def _conflict(exc: sa.exc.DBAPIError) -> bool:
     return type(orig).__module__.startswith("pymysql") and bool(args) and (
         args[0] in MYSQL_CONFLICTS
     )
+
+
+def _audit_where(where: AuditFilter) -> list[sa.ColumnElement[bool]]:
+    """``where`` in SQL: the same test as AuditFilter.matches, each in a shape an index of
+    AUDIT_LISTING_INDEXES serves (equalities on its leading columns)."""
+    c = audit_t.c
+    clauses: list[sa.ColumnElement[bool]] = []
+    if where.study_id is not None:
+        clauses.append(c.study_id == where.study_id)
+    if where.trial_number is not None:
+        clauses.append(c.trial_number == where.trial_number)
+    if where.user is not None:
+        clauses.append(c.user_name == where.user)
+    if where.action == "prune":
+        clauses.append(c.to_state == TrialState.PRUNED.name)
+    elif where.action == "fail":
+        clauses.append(c.to_state == TrialState.FAIL.name)
+    elif where.action == "relabel":
+        clauses += [c.retroactive == sa.true(), c.is_undo == sa.false()]
+    elif where.action == "undo":
+        clauses += [c.retroactive == sa.true(), c.is_undo == sa.true()]
+    elif where.action is not None:
+        raise ValueError(f"unknown action {where.action!r}")
+    return clauses
 
 
 def _audit_row(entry: AuditEntry) -> dict[str, object]:

@@ -44,6 +44,42 @@ class Change:
     trial_id: int
 
 
+# The kinds of change the Human actions view filters by (GET /hitl/api/actions?action=...).
+# Undo always puts a trial back to COMPLETE, and nothing else does (transitions.py).
+AUDIT_ACTIONS = {
+    "prune": "ended or relabelled PRUNED",
+    "fail": "ended or relabelled FAIL",
+    "relabel": "a finished trial relabelled (COMPLETE to PRUNED or FAIL, or between them)",
+    "undo": "a relabel undone: back to COMPLETE",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditFilter:
+    """Which audit records the Human actions view lists; None matches anything."""
+
+    study_id: int | None = None
+    trial_number: int | None = None
+    user: str | None = None
+    action: str | None = None  # a key of AUDIT_ACTIONS
+
+    def matches(self, entry: AuditEntry) -> bool:
+        """The same test as the SQL of rdb.SqlStore.audit_page, for stores without SQL."""
+        action = self.action
+        return (
+            (self.study_id is None or entry.study_id == self.study_id)
+            and (self.trial_number is None or entry.trial_number == self.trial_number)
+            and (self.user is None or entry.user == self.user)
+            and (
+                action is None
+                or (action == "prune" and entry.to_state == TrialState.PRUNED)
+                or (action == "fail" and entry.to_state == TrialState.FAIL)
+                or (action == "relabel" and entry.retroactive and not entry.undo)
+                or (action == "undo" and entry.retroactive and entry.undo)
+            )
+        )
+
+
 class LostRace(Exception):
     """The trial's state changed between our read and our write: nothing was written."""
 
@@ -133,6 +169,26 @@ class Store(Protocol):
         ...
 
     def audit(self, limit: int = 100) -> list[AuditEntry]: ...
+
+    def audit_page(
+        self, where: AuditFilter, *, before: int | None = None, limit: int = 100
+    ) -> tuple[list[AuditEntry], int | None]:
+        """Up to ``limit`` audit records that match ``where``, newest first, all older than the
+        cursor ``before``; and the cursor to pass as ``before`` for the next page (None: none).
+
+        Keyset pagination: a page costs the same however deep it is, and records written
+        meanwhile (newer than every cursor) never shift a page. The cursor is the audit id on
+        an RDB, a record's time in microseconds on a journal (as in live.py's feed).
+        """
+        ...
+
+    def audit_entry(self, audit_id: int) -> AuditEntry | None:
+        """The audit record with this id (None: no such record, or a store without ids)."""
+        ...
+
+    def newest_audit_ids(self, trial_ids: Iterable[int]) -> dict[int, int]:
+        """The id of each trial's newest audit record, by trial id (empty without ids)."""
+        ...
 
 
 @runtime_checkable

@@ -12,10 +12,22 @@ through the same note-save path as one typed in the dashboard. It answers:
     The files of ``hitl_pruner/static``.
 ``GET /hitl/actions``
     The Human actions page: the audit, newest first, with an Undo for retroactive relabels.
-``GET /hitl/api/actions?limit=100``
-    The audit as JSON, newest first: ``{"actions": [...], "limit": n}``. Each action is an
-    :meth:`AuditEntry.to_json` plus ``state_now`` (the trial's state now), ``undoable`` and
-    ``undo_refused`` (why not, or null). ``limit`` is 1 to 1000.
+``GET /hitl/api/actions?study=1&trial=5&user=ann&action=relabel&before=<cursor>&limit=100``
+    The audit as JSON, newest first, a page at a time: ``{"actions": [...], "limit": n,
+    "next": <cursor or null>, "filter": {...}}``. Each action is an
+    :meth:`AuditEntry.to_json` plus ``state_now`` (the trial's state now), ``undoable``,
+    ``undo_refused`` (why not, or null), and ``study_url`` and ``trial_url``, the dashboard's
+    pages of its study and trial (under the path prefix). Filters, each optional (an empty
+    value is no filter): ``study`` (a study id), ``trial`` (a trial number; needs ``study``),
+    ``user`` (exactly), ``action`` (``prune``, ``fail``, ``relabel`` or ``undo``: see
+    :data:`~hitl_pruner.store.AUDIT_ACTIONS`). ``limit`` is 1 to 1000. The next page is
+    ``before=<next>`` with the same filters: keyset pagination, so a deep page costs what the
+    first does, and actions recorded meanwhile never shift a page. Any other parameter, one
+    given twice, or a bad value is a 400 that says why.
+``GET /hitl/api/actions.csv?<the same filters>``
+    Every matching action as CSV, newest first (``Content-Disposition: attachment``), read and
+    sent a thousand rows at a time. Cells that a spreadsheet would read as a formula (starting
+    with ``=``, ``+``, ``-``, ``@``, tab or carriage return) get a leading ``'``.
 ``GET /hitl/api/studies/<study_id>/<trial_id>``
     The trial's state and note, and for each command whether a note carrying it would change
     the trial (the applier's own rules): what the buttons show.
@@ -50,6 +62,7 @@ wrapped middleware's, so ``create_app`` can return it in HitlMiddleware's place.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import html
@@ -62,7 +75,9 @@ import re
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import Iterable
+from typing import Iterator
 from urllib.parse import parse_qs
+from urllib.parse import quote
 
 from . import outage
 from .applier import Applier
@@ -79,6 +94,8 @@ from .routes import ID
 from .routes import MAX_ID
 from .routes import dashboard_path
 from .routes import ids
+from .store import AUDIT_ACTIONS
+from .store import AuditFilter
 from .store import Note
 from .store import TrialRef
 from .transitions import Action
@@ -100,15 +117,24 @@ STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)\Z")
 TRIAL_PATH = re.compile(rf"^/hitl/api/studies/{ID}/{ID}\Z")
 UNDO_PATH = re.compile(rf"^/hitl/api/actions/{ID}/undo\Z")
 CHANGES_PATH = re.compile(rf"^/hitl/api/studies/{ID}/changes\Z")
+ACTIONS_CSV_PATH = "/hitl/api/actions.csv"
+# The parameters of the actions API; the CSV takes all but limit.
+ACTIONS_PARAMS = ("study", "trial", "user", "action", "before", "limit")
+USER_MAX = 256  # hitl_audit.user_name
+# Rows read from the database per CSV chunk.
+CSV_CHUNK = 1000
+CSV_COLUMNS = (
+    "id", "time", "study_id", "study_name", "trial_id", "trial_number", "from", "to",
+    "retroactive", "undo", "user", "source", "how", "note_version", "state_now",
+)
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 PLAIN_ID = re.compile(rf"{ID}\Z")
 # Records read per changes poll (of every study: the cursor is global); a page that is behind
 # by more asks again at once.
 CHANGES_LIMIT = 500
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-# Undo looks its action up among this many newest ones; an older one was superseded anyway
-# unless the audit grew by that much since.
-UNDO_SEARCH = 5000
 # Rewritten bundles kept, one per prefix: prefixes come from the operator or trusted proxies.
 MAX_BUNDLES = 8
 PAGE_CSP = ";".join(
@@ -229,6 +255,10 @@ class UiMiddleware:
             if method != "GET":
                 return _not_allowed(start_response, "GET")
             return self._actions(environ, start_response)
+        if path == ACTIONS_CSV_PATH:
+            if method != "GET":
+                return _not_allowed(start_response, "GET")
+            return self._actions_csv(environ, start_response)
         trial = ids(TRIAL_PATH, path)
         if trial is not None:
             if method != "GET":
@@ -338,33 +368,91 @@ class UiMiddleware:
     # -- the API ---------------------------------------------------------------------------
 
     def _actions(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        raw = query.get("limit", [str(DEFAULT_LIMIT)])[-1]
-        try:
-            limit = int(raw)
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_LIMIT:
-            reason = f"limit must be an integer from 1 to {MAX_LIMIT}, not {raw!r}"
-            return _json(start_response, "400 Bad Request", {"reason": reason})
+        asked = _actions_query(environ, paged=True)
+        if isinstance(asked, str):
+            return _json(start_response, "400 Bad Request", {"reason": asked})
+        where, before, limit = asked
+        entries, cursor = self.applier.store.audit_page(where, before=before, limit=limit)
+        payload = {
+            "actions": self._action_rows(entries, _prefix(environ)),
+            "limit": limit,
+            "next": cursor,
+            "filter": {"study": where.study_id, "trial": where.trial_number, "user": where.user,
+                       "action": where.action},
+        }
+        return _json(start_response, "200 OK", payload)
+
+    def _action_rows(
+        self, entries: list[AuditEntry], prefix: str, *, undo: bool = True
+    ) -> list[dict[str, Any]]:
+        """The actions API's rows: each record, the trial's state now, and whether Undo can."""
         store = self.applier.store
-        entries = store.audit(limit)
         now = store.trials({e.trial_id for e in entries})
-        seen: set[int] = set()
+        # Of the whole audit, not this page: a filter may leave the newer record out. Only a
+        # relabel can be undone, so only a relabel's trial is looked up.
+        newest = store.newest_audit_ids(
+            {e.trial_id for e in entries if e.retroactive and not e.undo} if undo else ()
+        )
         actions = []
-        for entry in entries:  # newest first: the first one of a trial is its latest change
+        for entry in entries:
             ref = now.get(entry.trial_id)
-            refused = self._undo_refused(entry, ref, superseded=entry.trial_id in seen)
-            seen.add(entry.trial_id)
+            superseded = entry.id is not None and newest.get(entry.trial_id, entry.id) > entry.id
+            refused = self._undo_refused(entry, ref, superseded=superseded)
+            study_url = f"{prefix}/dashboard/studies/{entry.study_id}"
             actions.append(
                 {
                     **entry.to_json(),
                     "state_now": ref.state.name if ref is not None else None,
                     "undoable": refused is None,
                     "undo_refused": refused,
+                    "study_url": study_url,
+                    "trial_url": f"{study_url}/trials?numbers={entry.trial_number}",
                 }
             )
-        return _json(start_response, "200 OK", {"actions": actions, "limit": limit})
+        return actions
+
+    def _actions_csv(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        asked = _actions_query(environ, paged=False)
+        if isinstance(asked, str):
+            return _json(start_response, "400 Bad Request", {"reason": asked})
+        where, before, _ = asked
+        # The first chunk is read before the answer starts, so a database that is down gets
+        # its 503 (or a 500) rather than a download cut short.
+        first = self.applier.store.audit_page(where, before=before, limit=CSV_CHUNK)
+        name = "hitl-actions"
+        if where.study_id is not None:
+            name += f"-study-{where.study_id}"
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/csv; charset=utf-8"),
+                ("Content-Disposition", f'attachment; filename="{name}.csv"'),
+                ("Cache-Control", "no-store"),
+                ("X-Content-Type-Options", "nosniff"),
+            ],
+        )
+        return self._csv_chunks(where, first, _prefix(environ))
+
+    def _csv_chunks(
+        self, where: AuditFilter, page: tuple[list[AuditEntry], int | None], prefix: str
+    ) -> Iterator[bytes]:
+        """The CSV, one chunk per page of records; no connection is held between chunks."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180; quotes what needs it
+        writer.writerow(CSV_COLUMNS)
+        entries, cursor = page
+        while True:
+            for row in self._action_rows(entries, prefix, undo=False):
+                writer.writerow([_csv_cell(row.get(column)) for column in CSV_COLUMNS])
+            yield out.getvalue().encode()
+            out.seek(0)
+            out.truncate()
+            if cursor is None:
+                return
+            entries, cursor = self.applier.store.audit_page(where, before=cursor,
+                                                            limit=CSV_CHUNK)
 
     def _trial(
         self, start_response: StartResponse, study_id: int, trial_id: int
@@ -483,13 +571,12 @@ class UiMiddleware:
             reason = "send Content-Type: application/json (a plain form post is refused)"
             return _json(start_response, "415 Unsupported Media Type", {"reason": reason})
         store = self.applier.store
-        entries = store.audit(UNDO_SEARCH)
-        position = next((i for i, e in enumerate(entries) if e.id == audit_id), None)
-        if position is None:
-            reason = f"no action with id {audit_id} among the newest {UNDO_SEARCH}"
+        entry = store.audit_entry(audit_id)
+        if entry is None:
+            reason = f"no action with id {audit_id}"
             return _json(start_response, "404 Not Found", {"reason": reason})
-        entry = entries[position]
-        superseded = any(e.trial_id == entry.trial_id for e in entries[:position])
+        newest = store.newest_audit_ids([entry.trial_id]).get(entry.trial_id, audit_id)
+        superseded = newest > audit_id
         ref = store.trials([entry.trial_id]).get(entry.trial_id)
         refused = self._undo_refused(entry, ref, superseded=superseded)
         if refused is not None:
@@ -590,3 +677,63 @@ def _not_allowed(start_response: StartResponse, allow: str) -> list[bytes]:
         start_response, "405 Method Not Allowed",
         {"reason": f"method not allowed; use {allow}"}, [("Allow", allow)],
     )
+
+
+def _prefix(environ: WSGIEnvironment) -> str:
+    """The path prefix the app is served under, as a URL path ("" at the root)."""
+    prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        prefix = "/" + prefix
+    return quote(prefix, safe="/-._~!$&'()*+,;=:@")
+
+
+def _actions_query(
+    environ: WSGIEnvironment, *, paged: bool
+) -> tuple[AuditFilter, int | None, int] | str:
+    """The filter, cursor and page size the query string asks for, or why it is refused."""
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    known = ACTIONS_PARAMS if paged else tuple(p for p in ACTIONS_PARAMS if p != "limit")
+    for name, values in query.items():
+        if name not in known:
+            extra = " (the CSV has every matching action)" if name == "limit" else ""
+            return f"unknown parameter {name!r}{extra}; this takes {', '.join(known)}"
+        if len(values) > 1:
+            return f"give {name} once, not {len(values)} times"
+    # From a form, an empty field means "any".
+    given = {name: values[0] for name, values in query.items() if values[0] != ""}
+    numbers: dict[str, int | None] = {}
+    for name, what in (("study", "a study id"), ("trial", "a trial number"),
+                       ("before", "a cursor (the \"next\" of the previous page)")):
+        raw = given.get(name)
+        if raw is not None and (not PLAIN_ID.match(raw) or int(raw) > MAX_ID):
+            return f"{name} must be {what}, an integer from 0 to {MAX_ID} in plain digits, " \
+                   f"not {raw!r}"
+        numbers[name] = int(raw) if raw is not None else None
+    if numbers["trial"] is not None and numbers["study"] is None:
+        return "trial needs study: trial numbers count within a study"
+    user = given.get("user")
+    if user is not None and len(user) > USER_MAX:
+        return f"user must be at most {USER_MAX} characters, not {len(user)}"
+    action = given.get("action")
+    if action is not None and action not in AUDIT_ACTIONS:
+        return f"action must be one of {', '.join(AUDIT_ACTIONS)}, not {action!r}"
+    limit = DEFAULT_LIMIT
+    if paged and "limit" in query:
+        raw = query["limit"][0]
+        limit = int(raw) if PLAIN_ID.match(raw) and len(raw) < 6 else 0
+        if not 1 <= limit <= MAX_LIMIT:
+            return f"limit must be an integer from 1 to {MAX_LIMIT}, not {raw!r}"
+    where = AuditFilter(study_id=numbers["study"], trial_number=numbers["trial"], user=user,
+                        action=action)
+    return where, numbers["before"], limit
+
+
+def _csv_cell(value: object) -> object:
+    """A CSV cell: text a spreadsheet would run as a formula gets a leading ', so it stays text."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value

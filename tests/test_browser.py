@@ -285,11 +285,12 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         assert rows.count() == 2
         assert rows.nth(0).get_attribute("data-trial") == str(ids[0])
         assert "COMPLETE \u2192 FAIL" in rows.nth(0).inner_text()
-        assert "retroactive" in rows.nth(0).inner_text()
+        assert "relabel" in rows.nth(0).inner_text()
         assert "RUNNING \u2192 PRUNED" in rows.nth(1).inner_text()
         assert rows.nth(1).locator("button").count() == 0
         if name == "sqlite":
             page.screenshot(path=str(shots / "actions.png"))
+        page.once("dialog", lambda dialog: dialog.accept())  # Undo asks first
         rows.first.locator("button.hitl-btn-undo").click()
         page.locator(".hitl-toast[data-action=applied]", has_text="FAIL \u2192 COMPLETE").wait_for()
         wait_for(lambda: rows.count() == 3, timeout=5, what="the undo in the list")

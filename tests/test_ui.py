@@ -189,10 +189,10 @@ def test_an_unexpected_error_is_a_500_without_traceback(
 ) -> None:
     app = app_for(sqlite_url)
 
-    def broken(limit: int = 100) -> list[Any]:
+    def broken(*args: Any, **kwargs: Any) -> list[Any]:
         raise RuntimeError("database on fire")
 
-    monkeypatch.setattr(app.applier.store, "audit", broken)
+    monkeypatch.setattr(app.applier.store, "audit_page", broken)
     r = call(app, "GET", "/hitl/api/actions")
     assert r.status == 500 and r.json() == {"reason": "internal server error"}
     assert "database on fire" in caplog.text

@@ -159,7 +159,9 @@
   const describe = (outcome, number) => {
     const who = trialName(number, outcome.trial_id);
     const change = outcome.from && outcome.to ? `${outcome.from} \u2192 ${outcome.to}` : "";
-    const actions = { text: "Human actions", href: `${PREFIX}/hitl/actions` };
+    // From a study's page, to its actions (and from there back to it).
+    const here = STUDY_PAGE.exec(location.pathname.slice(PREFIX.length));
+    const actions = { text: "Human actions", href: `${PREFIX}/hitl/actions${here ? `?study=${here[1]}` : ""}` };
     // Plots, tables and notes of finished trials update only when the page loads again.
     const reload = { text: "Reload page", onClick: () => location.reload() };
     switch (outcome.action) {
@@ -683,6 +685,85 @@
 
   /* -- the Human actions page ---------------------------------------------------------------- */
 
+  // Filters and the page's cursor live in the address (?study=1&user=ann&before=812), so a
+  // view can be reloaded and shared; the API takes the same names (ui.py).
+  const FILTERS = ["study", "trial", "user", "action"];
+  const PAGE_SIZE = 100;
+  const view = {
+    filters: {},
+    before: null, // the cursor of this page; null: the newest
+    newer: [], // the cursors of the pages before this one, to go back to
+    next: null, // the cursor of the next (older) page, from the last answer
+  };
+
+  const readAddress = () => {
+    const params = new URLSearchParams(location.search);
+    for (const name of FILTERS) {
+      const value = params.get(name);
+      if (value) {
+        view.filters[name] = value;
+      }
+    }
+    const before = params.get("before");
+    view.before = before && /^[0-9]+$/.test(before) ? before : null;
+  };
+
+  const queryOf = (withCursor) => {
+    const params = new URLSearchParams();
+    for (const name of FILTERS) {
+      if (view.filters[name]) {
+        params.set(name, view.filters[name]);
+      }
+    }
+    if (withCursor && view.before !== null) {
+      params.set("before", view.before);
+    }
+    return params.toString();
+  };
+
+  const withQuery = (path, query) => (query ? `${path}?${query}` : path);
+
+  const showFilters = () => {
+    const form = document.getElementById("hitl-filters");
+    for (const name of FILTERS) {
+      form.elements[name].value = view.filters[name] || "";
+    }
+    // A trial number means something only within a study.
+    form.elements.trial.disabled = !view.filters.study;
+    const study = view.filters.study;
+    document.getElementById("hitl-dashboard-link").href = study
+      ? `${PREFIX}/dashboard/studies/${encodeURIComponent(study)}`
+      : `${PREFIX}/dashboard`;
+    document.getElementById("hitl-csv-link").href = withQuery(`${PREFIX}/hitl/api/actions.csv`, queryOf(false));
+    document.getElementById("hitl-json-link").href = withQuery(`${PREFIX}/hitl/api/actions`, queryOf(true));
+    history.replaceState(null, "", withQuery(location.pathname, queryOf(true)));
+  };
+
+  // The study picker lists the studies the dashboard lists; one that is gone stays pickable.
+  const loadStudies = async () => {
+    const select = document.getElementById("hitl-filters").elements.study;
+    try {
+      const res = await realFetch(`${PREFIX}/api/studies`, { cache: "no-store" });
+      const data = res.ok ? await res.json() : {};
+      for (const s of data.study_summaries || []) {
+        const option = document.createElement("option");
+        option.value = String(s.study_id);
+        option.textContent = `${s.study_name} (${s.study_id})`;
+        select.appendChild(option);
+      }
+    } catch (e) {
+      console.warn("hitl-pruner: no study list", String(e));
+    }
+    const chosen = view.filters.study;
+    if (chosen && ![...select.options].some((o) => o.value === chosen)) {
+      const option = document.createElement("option");
+      option.value = chosen;
+      option.textContent = `study_id=${chosen}`;
+      select.appendChild(option);
+    }
+    select.value = chosen || "";
+  };
+
   const cell = (row, content, className) => {
     const td = document.createElement("td");
     if (className) {
@@ -705,7 +786,24 @@
     return span;
   };
 
+  // Local time, always the same width: 2025-05-01 14:03:07.
+  const when = (iso) => {
+    const t = new Date(iso);
+    const two = (n) => String(n).padStart(2, "0");
+    return `${t.getFullYear()}-${two(t.getMonth() + 1)}-${two(t.getDate())} ` +
+      `${two(t.getHours())}:${two(t.getMinutes())}:${two(t.getSeconds())}`;
+  };
+
   const undo = async (action, button) => {
+    const command = action.to === "PRUNED" ? "PRUNE" : action.to;
+    const asked = window.confirm(
+      `Undo the relabel of trial ${action.trial_number} of study "${action.study_name}"?\n\n` +
+      `${command} is removed from the trial's note, and the trial goes back from ` +
+      `${action.to} to ${action.from}.`,
+    );
+    if (!asked) {
+      return;
+    }
     button.disabled = true;
     try {
       const res = await realFetch(`${PREFIX}/hitl/api/actions/${action.id}/undo`, {
@@ -734,39 +832,44 @@
       const tr = document.createElement("tr");
       tr.dataset.id = a.id === null ? "" : String(a.id);
       tr.dataset.trial = String(a.trial_id);
-      const time = new Date(a.time);
-      cell(tr, time.toLocaleString()).title = a.time;
-      cell(tr, a.user || "\u2014");
+      cell(tr, when(a.time), "hitl-nowrap").title = a.time;
+      const user = cell(tr, a.user || "\u2014", "hitl-clip");
+      user.title = a.user || "no user: a note written outside this dashboard";
       const study = document.createElement("a");
-      study.href = `${PREFIX}/dashboard/studies/${a.study_id}`;
+      study.href = a.study_url;
       study.textContent = a.study_name;
-      study.title = `study_id=${a.study_id}`;
-      cell(tr, study);
+      study.title = `${a.study_name} (study_id=${a.study_id})`;
+      cell(tr, study, "hitl-clip hitl-study");
       const link = document.createElement("a");
-      link.href = `${PREFIX}/dashboard/studies/${a.study_id}/trials?numbers=${a.trial_number}`;
+      link.href = a.trial_url;
       link.textContent = `Trial ${a.trial_number}`;
       link.title = `trial_id=${a.trial_id}`;
-      cell(tr, link);
+      cell(tr, link, "hitl-nowrap");
       const change = document.createElement("span");
       change.append(stateEl(a.from), " \u2192 ", stateEl(a.to));
-      for (const [flag, text] of [
-        [a.undo, "undo"],
-        [a.retroactive && !a.undo, "retroactive"],
-      ]) {
-        if (flag) {
-          const tag = document.createElement("span");
-          tag.className = "hitl-tag";
-          tag.textContent = text;
-          change.appendChild(tag);
-        }
+      const tagged = (el, text, title) => {
+        const tag = document.createElement("span");
+        tag.className = "hitl-tag";
+        tag.textContent = text;
+        tag.title = title;
+        el.appendChild(tag);
+      };
+      if (a.undo) {
+        tagged(change, "undo", "a relabel undone: the command left the note");
+      } else if (a.retroactive) {
+        tagged(change, "relabel", "a finished trial relabelled (retroactive)");
       }
-      cell(tr, change, "hitl-change");
+      cell(tr, change, "hitl-change hitl-nowrap");
       cell(tr, a.state_now ? stateEl(a.state_now) : "\u2014");
-      cell(tr, a.note_version === null ? "\u2014" : `v${a.note_version}`);
-      const via = cell(tr, a.source, "hitl-muted");
-      if (a.how && a.how !== "forced") {
-        via.textContent = `${a.source}, ${a.how === "worker" ? "by its worker" : "after grace"}`;
+      cell(tr, a.note_version === null ? "\u2014" : `v${a.note_version}`, "hitl-nowrap");
+      const via = document.createElement("span");
+      via.textContent = a.source;
+      if (a.how === "worker") {
+        tagged(via, "worker", "ended by its worker on request");
+      } else if (a.how === "grace") {
+        tagged(via, "grace", "forced after the grace period");
       }
+      cell(tr, via, "hitl-muted hitl-nowrap");
       const actionCell = cell(tr, "");
       if (a.undoable) {
         const b = document.createElement("button");
@@ -786,44 +889,114 @@
     tbody.replaceChildren(...rows);
   };
 
+  const showPager = (count) => {
+    document.getElementById("hitl-newest").disabled = view.before === null;
+    document.getElementById("hitl-newer").disabled = view.newer.length === 0;
+    document.getElementById("hitl-older").disabled = view.next === null;
+    const depth = view.before === null ? "newest" : `older than #${view.before}`;
+    document.getElementById("hitl-page-info").textContent = count
+      ? `${count} action${count === 1 ? "" : "s"}, ${depth}`
+      : "";
+  };
+
   let loading = null;
+  let again = false;
   const loadActions = () => {
-    const tbody = document.getElementById("hitl-actions");
-    if (!loading) {
-      loading = realFetch(`${PREFIX}/hitl/api/actions?limit=200`, { cache: "no-store" })
-        .then(async (res) => {
-          const data = await res.json().catch(() => ({}));
-          if (!res.ok) {
-            throw new Error(data.reason || `${res.status} ${res.statusText}`);
-          }
-          renderActions(tbody, data.actions);
-          document.getElementById("hitl-empty").hidden = data.actions.length > 0;
-          document.body.dataset.loaded = "true";
-        })
-        .catch((e) => {
-          toast({ kind: "error", action: "failed", title: "Cannot load the actions", detail: String(e) });
-        })
-        .finally(() => {
-          loading = null;
-        });
+    if (loading) {
+      // A filter or page chosen while an answer is on its way: ask again after it.
+      again = true;
+      return loading;
     }
+    const tbody = document.getElementById("hitl-actions");
+    const query = `${queryOf(true)}${queryOf(true) ? "&" : ""}limit=${PAGE_SIZE}`;
+    loading = realFetch(`${PREFIX}/hitl/api/actions?${query}`, { cache: "no-store" })
+      .then(async (res) => {
+        const data = await res.json().catch(() => ({}));
+        if (!res.ok) {
+          throw new Error(data.reason || `${res.status} ${res.statusText}`);
+        }
+        renderActions(tbody, data.actions);
+        view.next = data.next === null || data.next === undefined ? null : String(data.next);
+        const empty = document.getElementById("hitl-empty");
+        empty.hidden = data.actions.length > 0;
+        empty.textContent = queryOf(false) ? "No actions match these filters." : "No human actions yet.";
+        showPager(data.actions.length);
+        document.body.dataset.loaded = "true";
+      })
+      .catch((e) => {
+        toast({ kind: "error", action: "failed", title: "Cannot load the actions", detail: String(e) });
+      })
+      .finally(() => {
+        loading = null;
+        if (again) {
+          again = false;
+          loadActions();
+        }
+      });
     return loading;
   };
 
-  /* -- start ------------------------------------------------------------------------------------ */
+  const go = (before, newer) => {
+    view.before = before;
+    view.newer = newer;
+    showFilters();
+    return loadActions();
+  };
 
-  if (document.body.dataset.hitlPage === "actions") {
-    // Opened from a study's trial: "Dashboard" goes back to that study, not the study list.
-    const from = new URLSearchParams(location.search).get("study");
-    if (from && /^[0-9]+$/.test(from)) {
-      document.getElementById("hitl-dashboard-link").href = `${PREFIX}/dashboard/studies/${from}`;
+  const startActionsPage = () => {
+    readAddress();
+    const form = document.getElementById("hitl-filters");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const filters = {};
+      for (const name of FILTERS) {
+        const value = form.elements[name].value.trim();
+        if (value && !(name === "trial" && !form.elements.study.value)) {
+          filters[name] = value;
+        }
+      }
+      view.filters = filters;
+      go(null, []);
+    });
+    // Picking from a list filters at once; typed fields on Enter or Filter.
+    for (const name of ["study", "action"]) {
+      form.elements[name].addEventListener("change", () => {
+        form.elements.trial.disabled = !form.elements.study.value;
+        form.requestSubmit();
+      });
     }
+    document.getElementById("hitl-clear").addEventListener("click", () => {
+      view.filters = {};
+      showFilters();
+      go(null, []);
+    });
+    document.getElementById("hitl-newest").addEventListener("click", () => go(null, []));
+    document.getElementById("hitl-newer").addEventListener("click", () => {
+      const newer = view.newer.slice(0, -1);
+      go(view.newer[view.newer.length - 1], newer);
+    });
+    document.getElementById("hitl-older").addEventListener("click", () => {
+      if (view.next !== null) {
+        go(view.next, [...view.newer, view.before]);
+      }
+    });
+    showFilters();
+    loadStudies();
     loadActions();
+    // The page on view is asked again: the newest page shows new actions, and every page the
+    // state now and whether Undo still can.
     setInterval(() => {
       if (document.visibilityState === "visible") {
         loadActions();
       }
     }, 5000);
+  };
+
+  /* -- start ------------------------------------------------------------------------------------ */
+
+  if (document.body.dataset.hitlPage === "actions") {
+    // Opened from a study ("?study=1"): filtered to it, and "Dashboard" goes back to it.
+    startActionsPage();
     return;
   }
   new MutationObserver(decorate).observe(document.body, {
