@@ -31,6 +31,7 @@ from .journal import ApiStore
 from .live import AuditWatcher
 from .live import feed_for
 from .middleware import HitlMiddleware
+from .notify import notifier_for
 from .origin import CrossOriginGuard
 from .outage import DatabaseState
 from .outage import OutageMiddleware
@@ -171,6 +172,8 @@ def build_applier(
             frozenset(settings.allowed_users) if settings.allowed_users is not None else None
         ),
         refusals=Refusals(storage),
+        # One POST per audit row, queued for a thread of this process (notify.py).
+        on_audit=notifier_for(settings.notify_url).send if settings.notify_url else None,
     )
 
 

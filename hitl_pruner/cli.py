@@ -119,6 +119,8 @@ def _add_act_arguments(p: argparse.ArgumentParser, *, reason: bool) -> None:
                        help="only end RUNNING/WAITING trials; never relabel finished ones")
     rules.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
     rules.add_argument("--verbose", action="store_true", default=None, help="debug logging")
+    rules.add_argument("--notify-url", metavar="URL",
+                       help="POST each change made here as JSON to this webhook (as serve does)")
 
 
 def _add_db_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,6 +170,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser, mon: argparse._ArgumentGrou
     mon.add_argument("--verbose", action="store_true", default=None, help="debug logging")
     mon.add_argument("--artifact-dir", help="directory of the dashboard's artifact store")
     mon.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    mon.add_argument("--notify-url", metavar="URL",
+                     help="POST every human action here as JSON, in the shape Slack's incoming "
+                     "webhooks take (http or https; default: none)")
+    mon.add_argument("--apply-existing-notes", action="store_true", default=None,
+                     help="on the first start on a database, also relabel finished trials whose "
+                     "notes already carry a command (default: list them and change nothing)")
     who = p.add_argument_group("Who may act")
     who.add_argument("--basic-auth-file", metavar="FILE",
                      help="require HTTP basic auth; FILE holds user:hash lines made by "
@@ -200,7 +208,7 @@ SETTINGS_KEYS = (
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
     "user_header forwarded_allow_ips allowed_users root_path public allowed_hosts trusted_origins "
-    "thorium_app"
+    "thorium_app notify_url apply_existing_notes"
 ).split()
 
 
@@ -285,6 +293,13 @@ def _act(args: argparse.Namespace, settings: Settings) -> int:
     else:
         for result in results:
             print(result.line())
+    if settings.notify_url:
+        # The process ends now: a short, bounded wait for the webhook (notify.py).
+        from .notify import EXIT_FLUSH
+        from .notify import flush_all
+
+        sys.stdout.flush()
+        flush_all(EXIT_FLUSH)
     return 0 if all(r.ok for r in results) else 1
 
 
