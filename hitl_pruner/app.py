@@ -26,6 +26,7 @@ from .auth import Refusals
 from .commands import CommandParser
 from .config import ConfigError
 from .config import Settings
+from .first_start import ExistingNotes
 from .health import Health
 from .journal import ApiStore
 from .live import AuditWatcher
@@ -238,6 +239,10 @@ def build_stack(
     sweeper = Sweeper(
         applier, store, interval=settings.interval, lock=sweep_lock, state=state, ping=ping,
         watch=watch,
+        # Notes written before the first start that would relabel finished trials are listed
+        # and held back unless --apply-existing-notes (first_start.py).
+        existing=ExistingNotes(store.engine, apply=settings.apply_existing_notes)
+        if isinstance(store, SqlStore) else None,
     )
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage

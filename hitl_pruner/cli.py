@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
             "2: bad usage, unknown study or trial, configuration error (nothing changed).",
         )
         _add_act_arguments(act, reason=name != "undo")
+    plan = sub.add_parser(
+        "plan",
+        help="list the finished trials that notes written before the first start would relabel",
+        description="List the finished trials whose notes, written before hitl-pruner first "
+        "ran on this database, carry a command that would relabel them: on the first start "
+        "serve lists and holds them, and applies them only with --apply-existing-notes. Before "
+        "the first start, lists what it would hold. Reads only; changes nothing.",
+    )
+    plan.add_argument("storage_url", nargs="?", metavar="STORAGE_URL")
+    plan.add_argument("--study", nargs="*", help="only these studies (default: all)")
+    plan.add_argument("--prune-pattern", help="regex of a PRUNE command")
+    plan.add_argument("--fail-pattern", help="regex of a FAIL command")
+    plan.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    _add_db_arguments(plan)
     hash_password = sub.add_parser(
         "hash-password",
         help="hash a password for --basic-auth-file",
@@ -258,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.verbose)
         if args.command == "uninstall":
             return _uninstall(settings)
+        if args.command == "plan":
+            return _plan(settings)
         if args.command in ("prune", "fail", "undo"):
             return _act(args, settings)
         return _serve(settings, demo=bool(args.demo))
@@ -337,6 +353,35 @@ def _uninstall(settings: Settings) -> int:
         raise ConfigError("only RDB storages have hitl-pruner tables to remove")
     SqlStore(storage).uninstall()
     print(f"removed hitl-pruner's tables and triggers from {settings.display_url}")
+    return 0
+
+
+def _plan(settings: Settings) -> int:
+    from optuna.storages import RDBStorage
+
+    from .app import build_applier
+    from .app import open_storage
+    from .first_start import plan
+    from .rdb import SqlStore
+
+    storage = open_storage(settings)
+    if not isinstance(storage, RDBStorage):
+        raise ConfigError("only RDB storages hold notes back at the first start; a journal "
+                          "cannot relabel finished trials at all")
+    store = SqlStore(storage)
+    kind, planned = plan(build_applier(settings, storage, store), store)
+    for item in planned:
+        print(item.line())
+    if kind == "first start":
+        print(f"hitl-pruner has not run on this database yet. Its first start will list these "
+              f"{len(planned)} relabels and hold them back; with --apply-existing-notes it "
+              "applies them. Running trials' commands are applied either way.")
+    elif planned:
+        print(f"{len(planned)} notes written before hitl-pruner first ran here are held back; "
+              "start once with --apply-existing-notes (HITL_APPLY_EXISTING_NOTES=1) to apply "
+              "them, or save a note again to apply that one.")
+    else:
+        print("no note written before hitl-pruner first ran here is held back")
     return 0
 
 
