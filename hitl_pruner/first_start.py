@@ -3,20 +3,20 @@
 The seed tool could not relabel finished trials, so its users' COMPLETE trials often have
 notes saying PRUNE or FAIL that nobody meant as a relabel. On the first start on a database
 (rdb.py ``_bootstrap``), every note already there is queued once, and the last queue id of
-those notes is kept in ``hitl_meta`` (``existing_notes_upto``). The sweep then (sweep.py):
+those notes is kept in ``hitl_meta`` (``existing_notes_upto``). The sweep's first round then
+(sweep.py ``_hold``):
 
 - applies the commands of RUNNING and WAITING trials, as the seed tool would have;
-- lists, with one log line each and a summary, the notes that would relabel a finished trial,
-  and leaves them in the queue, unapplied; the rest of those notes (no command, nothing to
-  do) are taken off the queue as always;
-- from then on reads the queue after that id, so the held notes cost nothing, and a later
-  start does not list them again (one line says how many wait);
-- with ``--apply-existing-notes`` (on the first start or any later one), applies the held
-  notes as any other: audited, undoable. Once none is held, the marker goes.
+- lists, one log line each and a summary, the notes that would relabel a finished trial, and
+  holds them back: each becomes an ``existing_note:<trial id>`` row of ``hitl_meta``, out of
+  the queue, so they cost the sweep nothing;
+- takes the rest (no command, nothing to do) off the queue as always, and drops the marker.
 
-A note written after the first start, or an old note saved again, is queued anew and applied
-as always. ``python -m hitl_pruner plan STORAGE_URL`` lists what the held notes (or, before the
-first start, the database's notes) would change, and changes nothing.
+A later start says in one line how many notes are held. With ``--apply-existing-notes`` (on
+the first start, or any later one) they are queued again and applied as any other note:
+audited, undoable. A note written after the first start, or an old note saved again, is
+applied as always. ``python -m hitl_pruner plan STORAGE_URL`` lists what the held notes (or,
+before the first start, the database's notes) would change, and changes nothing.
 """
 
 from __future__ import annotations
@@ -81,14 +81,23 @@ class ExistingNotes:
             ).scalar()
         return int(value) if value else 0
 
-    def sorted_out(self, held: Iterable[tuple[int, int]]) -> None:
-        """The first start is done: remember the (study id, trial id) notes held back."""
+    def hold(self, held: Iterable[tuple[int, int]]) -> None:
+        """Remember these (study id, trial id) notes as held back: before their queue rows go,
+        so that a crash in between loses none (a second try finds them remembered)."""
+        rows = {f"{HELD}{tid}": str(sid) for sid, tid in held}
+        if not rows:
+            return
         with self.engine.begin() as conn:
-            if conn.execute(sa.delete(meta_t).where(meta_t.c.name == EXISTING_UPTO)).rowcount:
-                rows = [{"name": f"{HELD}{tid}", "value": str(sid)} for sid, tid in held]
-                if rows:
-                    conn.execute(sa.insert(meta_t), rows)
-            # else another process sorted them out a moment ago, and holds the same notes
+            known = set(conn.execute(
+                sa.select(meta_t.c.name).where(meta_t.c.name.in_(sorted(rows)))).scalars())
+            new = [{"name": name, "value": sid} for name, sid in rows.items() if name not in known]
+            if new:
+                conn.execute(sa.insert(meta_t), new)
+
+    def sorted_out(self) -> None:
+        """The first start has sorted the old notes out: later starts only count the held."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(meta_t).where(meta_t.c.name == EXISTING_UPTO))
 
     def held(self, study_ids: set[int] | None = None) -> list[tuple[int, int]]:
         """The (study id, trial id) of every note held back."""

@@ -205,7 +205,7 @@ class Sweeper:
             logger.warning("first start: applying the notes written before hitl-pruner first "
                            "ran on this database, finished trials' too (--apply-existing-notes)")
             if not dry_run:
-                existing.sorted_out([])
+                existing.sorted_out()
             return self._skip
         held = existing.held(study_ids)
         if held and existing.apply and not dry_run:
@@ -225,6 +225,8 @@ class Sweeper:
         All studies' notes, so that none is applied later by a server with other --study."""
         from .first_start import would_relabel
 
+        existing = self.existing
+        assert existing is not None
         held: list[tuple[int, int]] = []
         after = 0
         while True:
@@ -232,6 +234,7 @@ class Sweeper:
             if not changes:
                 break
             after = changes[-1].id
+            first = len(held)  # this page's held notes start here
             refs = self.store.trials({c.trial_id for c in changes if c.trial_id >= 0})
             mine = {c.trial_id: refs[c.trial_id] for c in changes if c.trial_id in refs
                     and refs[c.trial_id].study_id == c.study_id}
@@ -249,6 +252,7 @@ class Sweeper:
                                     planned.line(), _FLAG)
             done = {c.id for c in self._apply(run, stats)}
             if not self.applier.dry_run:
+                existing.hold(held[first:])
                 # The held notes move to hitl_meta. Left queued: a running trial's note the
                 # round did not settle, or of a study outside --study (for its server).
                 self.store.ack([c for c in changes if c.id in done or c not in active])
@@ -260,7 +264,7 @@ class Sweeper:
                 "them again. New notes, and old ones saved again, are applied as always.",
                 len(held), _FLAG)
         if not self.applier.dry_run:
-            self.existing.sorted_out(held)  # type: ignore[union-attr]
+            existing.sorted_out()
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
