@@ -235,6 +235,7 @@ class Sweeper:
                 break
             after = changes[-1].id
             first = len(held)  # this page's held notes start here
+            stats.changes += len(changes)
             refs = self.store.trials({c.trial_id for c in changes if c.trial_id >= 0})
             mine = {c.trial_id: refs[c.trial_id] for c in changes if c.trial_id in refs
                     and refs[c.trial_id].study_id == c.study_id}
@@ -244,6 +245,7 @@ class Sweeper:
                 finished = {t: r for t, r in mine.items()
                             if r.study_id == study_id and r.state not in ACTIVE}
                 notes = self.store.notes(study_id, finished) if finished else {}
+                stats.trials += len(notes)
                 for tid, note in sorted(notes.items()):
                     planned = would_relabel(self.applier, finished[tid], note)
                     if planned is not None:
