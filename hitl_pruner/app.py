@@ -26,11 +26,13 @@ from .auth import Refusals
 from .commands import CommandParser
 from .config import ConfigError
 from .config import Settings
+from .first_start import ExistingNotes
 from .health import Health
 from .journal import ApiStore
 from .live import AuditWatcher
 from .live import feed_for
 from .middleware import HitlMiddleware
+from .notify import notifier_for
 from .origin import CrossOriginGuard
 from .outage import DatabaseState
 from .outage import OutageMiddleware
@@ -171,6 +173,8 @@ def build_applier(
             frozenset(settings.allowed_users) if settings.allowed_users is not None else None
         ),
         refusals=Refusals(storage),
+        # One POST per audit row, queued for a thread of this process (notify.py).
+        on_audit=notifier_for(settings.notify_url).send if settings.notify_url else None,
     )
 
 
@@ -235,6 +239,10 @@ def build_stack(
     sweeper = Sweeper(
         applier, store, interval=settings.interval, lock=sweep_lock, state=state, ping=ping,
         watch=watch,
+        # Notes written before the first start that would relabel finished trials are listed
+        # and held back unless --apply-existing-notes (first_start.py).
+        existing=ExistingNotes(store.engine, apply=settings.apply_existing_notes)
+        if isinstance(store, SqlStore) else None,
     )
     after_fork = (lambda: storage.engine.dispose(close=False)) if isinstance(
         storage, RDBStorage

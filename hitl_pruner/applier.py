@@ -92,6 +92,7 @@ class Applier:
         on_change: Callable[[int, list[AuditEntry]], None] = lambda study_id, entries: None,
         allowed_users: frozenset[str] | None = None,
         refusals: Refusals | None = None,
+        on_audit: Callable[[list[AuditEntry]], None] | None = None,
     ) -> None:
         self.store = store
         self.parser = parser
@@ -100,7 +101,10 @@ class Applier:
         self.studies = studies
         # Seconds a cooperative worker has to end its trial before the sweep forces it.
         self.grace = grace
-        self._on_change = on_change
+        # Every audit row written is a human's action: told to on_audit (notify.py) after it is
+        # written, wherever it came from. A row claimed (_claim) was told when it was written.
+        self._refresh = on_change
+        self._on_change = on_change if on_audit is None else _and(on_change, on_audit)
         # None: anyone may issue commands. Otherwise only these users, through our note-save,
         # the Fail Trial button and Undo; the sweep skips the note versions they refused.
         self.allowed_users = allowed_users
@@ -500,7 +504,7 @@ class Applier:
             return Outcome(Action.ASK.value, self._asked(worker.evidence), ref.trial_id,
                            TrialState.RUNNING, target)
         # The sweep may be another server's: refresh our cache.
-        self._on_change(ref.study_id, [claimed])
+        self._refresh(ref.study_id, [claimed])
         logger.info("recorded as the note save's: %s", claimed.describe())
         if claimed.how == FORCED:
             reason = (
@@ -635,6 +639,15 @@ class Applier:
         logger.info("changed %s", entry.describe())
         self._on_change(entry.study_id, [entry])
         return True
+
+
+def _and(on_change: Callable[[int, list[AuditEntry]], None],
+         on_audit: Callable[[list[AuditEntry]], None]) -> Callable[[int, list[AuditEntry]], None]:
+    def both(study_id: int, entries: list[AuditEntry]) -> None:
+        on_audit(entries)  # queues only, never raises: first, so no error elsewhere skips it
+        on_change(study_id, entries)
+
+    return both
 
 
 def _command_for(target: TrialState) -> Command:

@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
             "2: bad usage, unknown study or trial, configuration error (nothing changed).",
         )
         _add_act_arguments(act, reason=name != "undo")
+    plan = sub.add_parser(
+        "plan",
+        help="list the finished trials that notes written before the first start would relabel",
+        description="List the finished trials whose notes, written before hitl-pruner first "
+        "ran on this database, carry a command that would relabel them: on the first start "
+        "serve lists and holds them, and applies them only with --apply-existing-notes. Before "
+        "the first start, lists what it would hold. Reads only; changes nothing.",
+    )
+    plan.add_argument("storage_url", nargs="?", metavar="STORAGE_URL")
+    plan.add_argument("--study", nargs="*", help="only these studies (default: all)")
+    plan.add_argument("--prune-pattern", help="regex of a PRUNE command")
+    plan.add_argument("--fail-pattern", help="regex of a FAIL command")
+    plan.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    _add_db_arguments(plan)
     hash_password = sub.add_parser(
         "hash-password",
         help="hash a password for --basic-auth-file",
@@ -119,6 +133,8 @@ def _add_act_arguments(p: argparse.ArgumentParser, *, reason: bool) -> None:
                        help="only end RUNNING/WAITING trials; never relabel finished ones")
     rules.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
     rules.add_argument("--verbose", action="store_true", default=None, help="debug logging")
+    rules.add_argument("--notify-url", metavar="URL",
+                       help="POST each change made here as JSON to this webhook (as serve does)")
 
 
 def _add_db_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,6 +184,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser, mon: argparse._ArgumentGrou
     mon.add_argument("--verbose", action="store_true", default=None, help="debug logging")
     mon.add_argument("--artifact-dir", help="directory of the dashboard's artifact store")
     mon.add_argument("--from-config", metavar="FILE.toml", help="read settings from a TOML file")
+    mon.add_argument("--notify-url", metavar="URL",
+                     help="POST every human action here as JSON, in the shape Slack's incoming "
+                     "webhooks take (http or https; default: none)")
+    mon.add_argument("--apply-existing-notes", action="store_true", default=None,
+                     help="on the first start on a database, also relabel finished trials whose "
+                     "notes already carry a command (default: list them and change nothing)")
     who = p.add_argument_group("Who may act")
     who.add_argument("--basic-auth-file", metavar="FILE",
                      help="require HTTP basic auth; FILE holds user:hash lines made by "
@@ -200,7 +222,7 @@ SETTINGS_KEYS = (
     "cert_path use_cert no_cert host port study interval grace prune_pattern fail_pattern dry_run "
     "all_trials active_only verbose artifact_dir from_config browser_path basic_auth_file "
     "user_header forwarded_allow_ips allowed_users root_path public allowed_hosts trusted_origins "
-    "thorium_app"
+    "thorium_app notify_url apply_existing_notes"
 ).split()
 
 
@@ -250,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.verbose)
         if args.command == "uninstall":
             return _uninstall(settings)
+        if args.command == "plan":
+            return _plan(settings)
         if args.command in ("prune", "fail", "undo"):
             return _act(args, settings)
         return _serve(settings, demo=bool(args.demo))
@@ -285,6 +309,13 @@ def _act(args: argparse.Namespace, settings: Settings) -> int:
     else:
         for result in results:
             print(result.line())
+    if settings.notify_url:
+        # The process ends now: a short, bounded wait for the webhook (notify.py).
+        from .notify import EXIT_FLUSH
+        from .notify import flush_all
+
+        sys.stdout.flush()
+        flush_all(EXIT_FLUSH)
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -322,6 +353,35 @@ def _uninstall(settings: Settings) -> int:
         raise ConfigError("only RDB storages have hitl-pruner tables to remove")
     SqlStore(storage).uninstall()
     print(f"removed hitl-pruner's tables and triggers from {settings.display_url}")
+    return 0
+
+
+def _plan(settings: Settings) -> int:
+    from optuna.storages import RDBStorage
+
+    from .app import build_applier
+    from .app import open_storage
+    from .first_start import plan
+    from .rdb import SqlStore
+
+    storage = open_storage(settings)
+    if not isinstance(storage, RDBStorage):
+        raise ConfigError("only RDB storages hold notes back at the first start; a journal "
+                          "cannot relabel finished trials at all")
+    store = SqlStore(storage)
+    kind, planned = plan(build_applier(settings, storage, store), store)
+    for item in planned:
+        print(item.line())
+    if kind == "first start":
+        print(f"hitl-pruner has not run on this database yet. Its first start will list these "
+              f"{len(planned)} relabels and hold them back; with --apply-existing-notes it "
+              "applies them. Running trials' commands are applied either way.")
+    elif planned:
+        print(f"{len(planned)} notes written before hitl-pruner first ran here are held back; "
+              "start once with --apply-existing-notes (HITL_APPLY_EXISTING_NOTES=1) to apply "
+              "them, or save a note again to apply that one.")
+    else:
+        print("no note written before hitl-pruner first ran here is held back")
     return 0
 
 

@@ -77,6 +77,10 @@ class Settings:
     # addresses and localhost; the other sites' origins allowed to send them.
     allowed_hosts: tuple[str, ...] = ()
     trusted_origins: tuple[str, ...] = ()
+    # A webhook told of every human action (notify.py); its path is a secret: not in the repr.
+    notify_url: str | None = dataclasses.field(default=None, repr=False)
+    # On the first start, apply the commands already in finished trials' notes (sweep.py).
+    apply_existing_notes: bool = False
 
     @property
     def grace_seconds(self) -> float:
@@ -173,6 +177,10 @@ OPTIONS = [
             "addresses and localhost (comma-separated, or *; default: none)"),
     _Option("trusted_origins", _studies, "Other sites' origins allowed to change state, e.g. "
             "https://tools.example.org (comma-separated; default: none)"),
+    _Option("notify_url", str, "http(s) URL that gets a JSON POST (Slack webhook shape) per "
+            "human action (default: none)"),
+    _Option("apply_existing_notes", _bool, "On the first start, also relabel finished trials "
+            "whose notes already carry a command (default: list them, change nothing)"),
 ]
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -284,6 +292,9 @@ def _build(raw: dict[str, Any]) -> Settings:
         thorium_app=bool(raw.get("thorium_app", False)),
         artifact_dir=raw.get("artifact_dir"),
         db_password=password,
+        notify_url=_notify_url(raw.get("notify_url")),
+        apply_existing_notes=_public(raw.get("apply_existing_notes", False),
+                                     "apply_existing_notes"),
     )
     settings = dataclasses.replace(settings, **_who_may_act(raw))
     return dataclasses.replace(settings, cert_path=_cert_path(raw, settings))
@@ -360,13 +371,24 @@ def _browsers(raw: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _public(value: Any) -> bool:
+def _notify_url(value: Any) -> str | None:
+    from . import notify
+
+    if value is None or value == "":
+        return None
+    try:
+        return notify.check_url(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"--notify-url: {exc}") from None
+
+
+def _public(value: Any, name: str = "public") -> bool:
     # A TOML string ("false") must not turn it on.
     if isinstance(value, str):
         try:
             return _bool(value)
         except ValueError as exc:
-            raise ConfigError(f"public={value!r} is not valid: {exc}") from None
+            raise ConfigError(f"{name}={value!r} is not valid: {exc}") from None
     return value is True
 
 

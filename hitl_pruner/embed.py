@@ -35,6 +35,7 @@ from .commands import PatternError
 from .commands import compile_pattern
 from .config import ConfigError
 from .config import Settings
+from .notify import check_url
 from .origin import CrossOriginGuard
 from .prefix import ProxyMiddleware
 from .prefix import clean_prefix
@@ -188,6 +189,15 @@ def _root_path(value: Any) -> str:
     return cleaned
 
 
+def _notify_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_url(value) if isinstance(value, str) else check_url(repr(value))
+    except ValueError as exc:
+        raise ConfigError(f"notify_url: {exc}") from None
+
+
 # Each keyword option: its check, which returns the Settings value.
 OPTIONS: dict[str, Callable[[Any], Any]] = {
     "interval": _interval,
@@ -206,6 +216,8 @@ OPTIONS: dict[str, Callable[[Any], Any]] = {
         "trusted_origins", origin.normalize_origin, "'https://tools.example.org'"
     ),
     "root_path": _root_path,
+    "notify_url": _notify_url,
+    "apply_existing_notes": _flag("apply_existing_notes"),
 }
 
 
@@ -255,7 +267,8 @@ def wsgi(
         **options: the settings table's names: ``interval``, ``grace``, ``studies``,
             ``prune_pattern``, ``fail_pattern``, ``dry_run``, ``retroactive``, ``basic_auth``,
             ``user_header``, ``forwarded_allow_ips``, ``allowed_users``, ``allowed_hosts``,
-            ``trusted_origins``, ``root_path``.
+            ``trusted_origins``, ``root_path``, ``notify_url`` (a webhook told of every
+            human action, notify.py), ``apply_existing_notes``.
 
     Returns:
         The WSGI application: our layers around the dashboard's bottle.Bottle, whose

@@ -35,6 +35,10 @@ from typing import Mapping
 
 from .config import Settings
 from .config import resolve
+from .notify import flush_all
+
+# Seconds a stopping worker waits for its queued --notify-url messages.
+WORKER_EXIT_FLUSH = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +114,8 @@ def worker_exit(server: Any, worker: Any) -> None:
             stop()
     except Exception:
         logger.exception("could not stop the sweep in worker %s", worker.pid)
+    try:
+        # Messages to --notify-url still queued: a short, bounded wait (the audit has them).
+        flush_all(WORKER_EXIT_FLUSH)
+    except Exception:
+        logger.exception("could not flush the notifications in worker %s", worker.pid)

@@ -176,6 +176,9 @@ FIRST_CHUNKS = 2
 CHUNKS_PER_QUERY = 8
 
 
+# hitl_meta: the last queue id of the notes written before the first start (first_start.py).
+EXISTING_UPTO = "existing_notes_upto"
+
 # Processes starting together race at each step of install(): create_all and each trigger.
 ATTEMPTS = 5
 
@@ -420,6 +423,10 @@ class SqlStore:
                         ),
                     )
                 )
+                # Where these notes end in the queue: the sweep lists, and does not apply,
+                # those that would relabel a finished trial (first_start.py).
+                upto = conn.execute(sa.select(sa.func.max(changes_t.c.id))).scalar()
+                conn.execute(sa.insert(meta_t).values(name=EXISTING_UPTO, value=str(upto or 0)))
         except sa.exc.IntegrityError:
             pass  # another process inserted the marker first, and queued the notes with it
 

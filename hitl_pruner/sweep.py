@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 from typing import Callable
 
 from . import outage
@@ -19,11 +20,16 @@ from .store import Change
 from .store import Note
 from .store import Store
 from .store import TrialRef
+from .transitions import ACTIVE
 from .wake import Watch
+
+if TYPE_CHECKING:
+    from .first_start import ExistingNotes
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+_FLAG = "--apply-existing-notes (HITL_APPLY_EXISTING_NOTES=1)"
 # After a bug (not an outage), wait longer each time, up to this, so as not to flood the log.
 MAX_BACKOFF = 300.0
 # The longest a watch blocks at a time, so that stop() is heard that soon.
@@ -75,8 +81,13 @@ class Sweeper:
         state: outage.DatabaseState | None = None,
         ping: Callable[[], object] | None = None,
         watch: Watch | None = None,
+        existing: ExistingNotes | None = None,
     ) -> None:
         self.applier = applier
+        # The notes written before the first start on an RDB database (first_start.py); its
+        # state is read on this process's first round, then kept in _skip.
+        self.existing = existing
+        self._skip: int | None = None
         self.store = store
         self.interval = interval
         self.lock = lock
@@ -107,7 +118,7 @@ class Sweeper:
         stats = SweepStats()
         names = self.applier.studies
         study_ids = self.store.study_ids(names) if names else None
-        after = 0
+        after = self._existing_notes(study_ids, stats) if self.existing is not None else 0
         while True:
             changes = self.store.pending(study_ids, BATCH, after=after)
             if changes:
@@ -170,6 +181,92 @@ class Sweeper:
             elif outcome.action == "lost race":
                 unsettled.add(ref.trial_id)
         return [c for c in changes if c.trial_id not in unsettled]
+
+    def _existing_notes(self, study_ids: set[int] | None, stats: SweepStats) -> int:
+        """Sort out the notes written before the first start, on this process's first round;
+        returns the queue id the round reads after (0 but in a dry run's first start).
+
+        On the first start: apply the old notes of running trials, and list and hold back
+        those that would relabel a finished trial (``_hold``). On a later start, say in one
+        line how many are held. With --apply-existing-notes, queue the held notes again (on
+        the first start, leave them queued), to be applied as any other.
+        """
+        existing = self.existing
+        assert existing is not None
+        if self._skip is not None:
+            return self._skip
+        dry_run = self.applier.dry_run
+        upto = existing.upto()
+        self._skip = upto if upto and dry_run else 0  # a dry run leaves them queued
+        if upto and not existing.apply:
+            self._hold(upto, stats)
+            return self._skip
+        if upto:
+            logger.warning("first start: applying the notes written before hitl-pruner first "
+                           "ran on this database, finished trials' too (--apply-existing-notes)")
+            if not dry_run:
+                existing.sorted_out()
+            return self._skip
+        held = existing.held(study_ids)
+        if held and existing.apply and not dry_run:
+            existing.release(held)
+            logger.warning("applying the %d notes held back since the first start "
+                           "(--apply-existing-notes)", len(held))
+        elif held:
+            logger.warning(
+                "%d notes written before hitl-pruner first ran on this database would relabel "
+                "finished trials and are held back (listed at the first start; `python -m "
+                "hitl_pruner plan STORAGE_URL` lists them); %s applies them", len(held), _FLAG)
+        return self._skip
+
+    def _hold(self, upto: int, stats: SweepStats) -> None:
+        """The first start: apply the old notes of running trials, list those that would
+        relabel a finished trial and hold them back (hitl_meta), take the rest off the queue.
+        All studies' notes, so that none is applied later by a server with other --study."""
+        from .first_start import would_relabel
+
+        existing = self.existing
+        assert existing is not None
+        held: list[tuple[int, int]] = []
+        after = 0
+        while True:
+            changes = [c for c in self.store.pending(None, BATCH, after=after) if c.id <= upto]
+            if not changes:
+                break
+            after = changes[-1].id
+            first = len(held)  # this page's held notes start here
+            stats.changes += len(changes)
+            refs = self.store.trials({c.trial_id for c in changes if c.trial_id >= 0})
+            mine = {c.trial_id: refs[c.trial_id] for c in changes if c.trial_id in refs
+                    and refs[c.trial_id].study_id == c.study_id}
+            active = [c for c in changes if c.trial_id in mine and mine[c.trial_id].state in ACTIVE]
+            run = [c for c in active if self.applier.monitors(mine[c.trial_id].study_name)]
+            for study_id in {ref.study_id for ref in mine.values()}:
+                finished = {t: r for t, r in mine.items()
+                            if r.study_id == study_id and r.state not in ACTIVE}
+                notes = self.store.notes(study_id, finished) if finished else {}
+                stats.trials += len(notes)
+                for tid, note in sorted(notes.items()):
+                    planned = would_relabel(self.applier, finished[tid], note)
+                    if planned is not None:
+                        held.append((study_id, tid))
+                        logger.info("first start: not applied: %s (%s applies it)",
+                                    planned.line(), _FLAG)
+            done = {c.id for c in self._apply(run, stats)}
+            if not self.applier.dry_run:
+                existing.hold(held[first:])
+                # The held notes move to hitl_meta. Left queued: a running trial's note the
+                # round did not settle, or of a study outside --study (for its server).
+                self.store.ack([c for c in changes if c.id in done or c not in active])
+        if held:
+            logger.warning(
+                "first start: %d notes written before hitl-pruner first ran on this database "
+                "would relabel finished trials (listed above); none was applied. To apply "
+                "them, start once with %s; `python -m hitl_pruner plan STORAGE_URL` lists "
+                "them again. New notes, and old ones saved again, are applied as always.",
+                len(held), _FLAG)
+        if not self.applier.dry_run:
+            existing.sorted_out()
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
