@@ -194,7 +194,8 @@ class Applier:
         """Whether note saves go through ``save`` (the store writes notes itself)."""
         return isinstance(self.store, NoteSaver)
 
-    def save(self, ref: TrialRef, note: Note, *, user: str | None) -> Outcome | Note | None:
+    def save(self, ref: TrialRef, note: Note, *, user: str | None,
+             source: str = NOTE_SAVE) -> Outcome | Note | None:
         """Save a note from the dashboard's editor, as its note API would, in one transaction;
         when the note forces a state, with the change and its audit row in that transaction.
 
@@ -203,6 +204,8 @@ class Applier:
         its version + 1 (nothing is saved: the dashboard's 409); None when the note was saved
         alone, for the caller to ``apply(ref, note, source=NOTE_SAVE)`` as after any save:
         nothing to do, asking the worker, a refusal, a dry run, a trial that changed under us.
+        ``source``: the path that saves it, for the audit row (a script or a bulk action saves
+        its notes this way too).
         """
         store = self.store
         assert isinstance(store, NoteSaver), "saves_notes is False: the dashboard saves notes"
@@ -210,10 +213,10 @@ class Applier:
         # Only a command, or taking one out of a note on a trial we ended (undo), can force.
         can_force = command is not None or self.needs_history(ref)
         if (can_force and self.monitors(ref.study_name) and not self.dry_run
-                and self._refusal(ref, note, NOTE_SAVE, user) is None):
-            decision, _ = self._decide(ref, command, None, source=NOTE_SAVE)
+                and self._refusal(ref, note, source, user) is None):
+            decision, _ = self._decide(ref, command, None, source=source)
             if decision.action is Action.APPLY:
-                change = _Change.of(ref, command, note.version, decision, source=NOTE_SAVE,
+                change = _Change.of(ref, command, note.version, decision, source=source,
                                     user=user)
                 try:
                     stored = store.save_note(ref, note, change.entry)
