@@ -31,6 +31,8 @@ SWEEP = "sweep"
 FAIL_BUTTON = "fail-button"
 # a note saved by `python -m hitl_pruner prune|fail|undo` or hitl_pruner.prune() (script.py).
 CLI = "cli"
+# a note saved by the dashboard's bulk action (POST /hitl/api/studies/<id>/bulk, bulk.py).
+BULK = "bulk"
 
 
 def actor(source: str, user: str | None, note_version: int | None = None) -> str:
@@ -50,6 +52,8 @@ def actor(source: str, user: str | None, note_version: int | None = None) -> str
         return f"{who} with a note{note} saved in the dashboard"
     if source == CLI:
         return f"{who} with a note{note} saved from the command line or a script"
+    if source == BULK:
+        return f"{who} with a bulk action (note{note}) in the dashboard"
     return f"{who} via {source}"
 
 

@@ -29,6 +29,9 @@ through the same note-save path as one typed in the dashboard. It answers:
     newest cursor and ``changes`` is empty: a page starts from now. ``since`` must be one
     integer from 0 to 2**63 - 1 in plain form, else 400. It also lets this process's
     :class:`~hitl_pruner.live.AuditWatcher` look for changes made elsewhere.
+``POST /hitl/api/studies/<study_id>/bulk``
+    Prune, fail or undo many trials (by number, state or parameter range) in one request, each
+    through the note-save path with its own note version and audit row; see bulk.py.
 ``POST /hitl/api/actions/<id>/undo``
     Removes the command words from the trial's note and saves the next version through
     ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.
@@ -64,6 +67,9 @@ from typing import Any
 from typing import Iterable
 from urllib.parse import parse_qs
 
+from optuna.storages import BaseStorage
+
+from . import bulk
 from . import outage
 from .applier import Applier
 from .audit import AuditEntry
@@ -100,6 +106,7 @@ STATIC_PATH = re.compile(r"^/hitl/static/([A-Za-z0-9_.-]+)\Z")
 TRIAL_PATH = re.compile(rf"^/hitl/api/studies/{ID}/{ID}\Z")
 UNDO_PATH = re.compile(rf"^/hitl/api/actions/{ID}/undo\Z")
 CHANGES_PATH = re.compile(rf"^/hitl/api/studies/{ID}/changes\Z")
+BULK_PATH = re.compile(rf"^/hitl/api/studies/{ID}/bulk\Z")
 PLAIN_ID = re.compile(rf"{ID}\Z")
 # Records read per changes poll (of every study: the cursor is global); a page that is behind
 # by more asks again at once.
@@ -171,10 +178,13 @@ class UiMiddleware:
         applier: Applier,
         live: AuditWatcher,
         static_dir: Path = STATIC_DIR,
+        storage: BaseStorage | None = None,
     ) -> None:
         self.application = application
         self.applier = applier
         self.live = live
+        # What the bulk action reads trials from (None: no bulk action).
+        self.storage = storage
         self._static = _load_static(static_dir)
         self._bundles: dict[str, _Static] = {}
 
@@ -244,6 +254,11 @@ class UiMiddleware:
             if method != "POST":
                 return _not_allowed(start_response, "POST")
             return self._undo(environ, start_response, undo[0])
+        many = ids(BULK_PATH, path)
+        if many is not None:
+            if method != "POST":
+                return _not_allowed(start_response, "POST")
+            return self._bulk(environ, start_response, many[0])
         return _json(start_response, "404 Not Found", {"reason": f"no such page: {path}"})
 
     # -- the dashboard's page -------------------------------------------------------------
@@ -509,6 +524,20 @@ class UiMiddleware:
         }
         extra = [(OUTCOME_HEADER, outcome)] if outcome else []
         return _json(start_response, "200 OK", payload, extra)
+
+    def _bulk(
+        self, environ: WSGIEnvironment, start_response: StartResponse, study_id: int
+    ) -> Iterable[bytes]:
+        """Prune, fail or undo many trials, each as one note save (bulk.py)."""
+        if self.storage is None:
+            return _json(start_response, "501 Not Implemented",
+                         {"reason": "bulk actions need the storage (UiMiddleware(storage=...))"})
+        try:
+            payload = bulk.run(self.storage, self.applier, study_id, bulk.read_request(environ),
+                               user=environ.get("REMOTE_USER") or None)
+        except bulk.BulkError as exc:
+            return _json(start_response, exc.status, {"reason": exc.reason})
+        return _json(start_response, "200 OK", payload)
 
     def _save_note(
         self, environ: WSGIEnvironment, entry: AuditEntry, note: Note
