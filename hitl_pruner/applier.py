@@ -230,6 +230,65 @@ class Applier:
                     return change.outcome()
         return store.save_note(ref, note)
 
+    def save_many(self, notes: Sequence[tuple[TrialRef, Note]], *, user: str | None,
+                  source: str) -> list[Outcome | Note | None]:
+        """``save`` for many notes of one study (the bulk action), in the order given: the same
+        decisions, with their facts read for all the trials at once, and the notes with the
+        changes they force written in one transaction (SqlStore.save_notes). When that cannot
+        be done (a trial or note changed under us), each note is saved alone by ``save``.
+
+        In a dry run nothing is saved, and each entry is the outcome its note would have.
+        """
+        store = self.store
+        assert isinstance(store, NoteSaver), "saves_notes is False: the dashboard saves notes"
+        todo = [(ref, note, self.parser.parse(note.body)) for ref, note in notes
+                if self.monitors(ref.study_name)]
+        known = _Known(
+            history=store.last_changes(
+                ref.trial_id for ref, _, _ in todo if self.needs_history(ref)),
+            workers=store.workers([ref for ref, _, command in todo if _has_worker(ref, command)],
+                                  alive_for=worker_alive_for(self.grace)),
+        )
+        results: dict[int, Outcome | Note | None] = {}
+        items: list[tuple[TrialRef, Note, AuditEntry | None]] = []
+        changes: dict[int, _Change] = {}
+        for ref, note, command in todo:
+            refusal = self._refusal(ref, note, source, user)
+            if self.dry_run:
+                step = self._plan(ref, command, note.version, source=source, user=user,
+                                  refusal=refusal, known=known)
+                assert isinstance(step, Outcome)  # a dry run writes nothing
+                results[ref.trial_id] = step
+                continue
+            entry = None
+            if refusal is None and (command is not None or self.needs_history(ref)):
+                decision, _ = self._decide(ref, command, None, source=source, known=known)
+                if decision.action is Action.APPLY:
+                    change = _Change.of(ref, command, note.version, decision, source=source,
+                                        user=user)
+                    changes[ref.trial_id] = change
+                    entry = change.entry
+            items.append((ref, note, entry))
+        if not self.dry_run:
+            conflicts = store.save_notes(items) if hasattr(store, "save_notes") else None
+            if conflicts is None:
+                for ref, note, _ in items:
+                    results[ref.trial_id] = self.save(ref, note, user=user, source=source)
+            else:
+                applied = []
+                for ref, _, entry in items:
+                    if ref.trial_id in conflicts:
+                        results[ref.trial_id] = conflicts[ref.trial_id]
+                    elif entry is not None:
+                        logger.info("changed %s", entry.describe())
+                        applied.append(entry)
+                        results[ref.trial_id] = changes[ref.trial_id].outcome()
+                    else:
+                        results[ref.trial_id] = None  # saved alone: apply it as after a save
+                for study_id in {e.study_id for e in applied}:
+                    self._on_change(study_id, [e for e in applied if e.study_id == study_id])
+        return [results.get(ref.trial_id) for ref, _ in notes]
+
     def command(self, ref: TrialRef, command: Command, *, source: str,
                 user: str | None = None, note_version: int | None = None) -> Outcome:
         """Apply a command that comes without a note (the dashboard's Fail Trial button), or

@@ -88,7 +88,7 @@ class Selection:
         if self.param is not None:
             name, low, high = self.param
             value = trial.params.get(name)
-            if not _number(value):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 return False
             if (low is not None and value < low) or (high is not None and value > high):
                 return False

@@ -179,6 +179,9 @@ def act(storage: BaseStorage, applier: Applier, ids: Mapping[int, int], command:
     for study_id in {ref.study_id for ref in refs.values()}:
         notes.update(applier.store.notes(
             study_id, [r.trial_id for r in refs.values() if r.study_id == study_id]))
+    if applier.saves_notes and len({ref.study_id for ref in refs.values()}) == 1:
+        return _many(applier, ids, refs, notes, command, reason=reason, user=user,
+                     source=source)
     results = []
     for number, trial_id in ids.items():
         ref = refs.get(trial_id)
@@ -190,25 +193,79 @@ def act(storage: BaseStorage, applier: Applier, ids: Mapping[int, int], command:
     return results
 
 
-def _one(storage: BaseStorage, applier: Applier, ref: TrialRef, note: Note,
-         command: Command | None, *, reason: str | None, user: str | None,
-         source: str) -> TrialResult:
+def _many(applier: Applier, ids: Mapping[int, int], refs: Mapping[int, TrialRef],
+          notes: Mapping[int, Note], command: Command | None, *, reason: str | None,
+          user: str | None, source: str) -> list[TrialResult]:
+    """``_one`` for every trial, the notes saved in one go (Applier.save_many)."""
+    done: dict[int, TrialResult] = {}
+    saving: list[tuple[TrialRef, Note]] = []
+    for trial_id in ids.values():  # in the caller's order, as the audit rows are written
+        ref = refs.get(trial_id)
+        if ref is None:
+            continue
+        edited = _edited(applier, ref, notes.get(trial_id, Note(0, "")), command, reason)
+        if isinstance(edited, Outcome):
+            done[trial_id] = _result(ref, edited)
+            continue
+        if not applier.dry_run:
+            applier.before_save(ref, edited, user=user)
+        saving.append((ref, edited))
+    for (ref, saved), outcome in zip(saving, applier.save_many(saving, user=user, source=source)):
+        version = None if applier.dry_run else saved.version
+        if isinstance(outcome, Note):
+            done[ref.trial_id] = _result(ref, Outcome(
+                "conflict", "the note changed while we wrote it; nothing saved, run again",
+                ref.trial_id))
+        elif isinstance(outcome, Outcome):
+            done[ref.trial_id] = _result(ref, outcome, version)
+        else:  # saved alone, or outside --study: applied as after any save
+            done[ref.trial_id] = _applied(applier, ref, saved, source=source, user=user)
+    return [
+        done[trial_id] if trial_id in done
+        else TrialResult(number, trial_id, "nothing to do", "the trial is gone")
+        for number, trial_id in ids.items()
+    ]
+
+
+def _edited(applier: Applier, ref: TrialRef, note: Note, command: Command | None,
+            reason: str | None) -> Note | Outcome:
+    """The note's next version carrying the command (None: without command words), or why
+    there is nothing to save."""
     if command is None:
         body = applier.parser.strip(note.body)
         if body == note.body:
-            return _result(ref, Outcome(
-                "nothing to do", "the note has no PRUNE or FAIL to take out; nothing saved",
-                ref.trial_id,
-            ))
+            return Outcome("nothing to do",
+                           "the note has no PRUNE or FAIL to take out; nothing saved",
+                           ref.trial_id)
     else:
         body = with_command(note.body, command.value, reason)
         if applier.parser.parse(body) is not command:
-            return _result(ref, Outcome(
+            return Outcome(
                 "refused",
                 f"the configured patterns do not read {command.value!r} as {command.value}",
                 ref.trial_id,
-            ))
-    saved = Note(note.version + 1, body)
+            )
+    return Note(note.version + 1, body)
+
+
+def _applied(applier: Applier, ref: TrialRef, saved: Note, *, source: str,
+             user: str | None) -> TrialResult:
+    try:
+        outcome = applier.apply(ref, saved, source=source, user=user)
+    except Exception as exc:
+        # The note is saved and queued, as after a dashboard save: the sweep applies it.
+        logger.exception("applying the note of trial #%d failed", ref.number)
+        return _result(ref, Outcome("error", f"saved; a running server applies it ({exc})",
+                                    ref.trial_id), saved.version)
+    return _result(ref, outcome, None if applier.dry_run else saved.version)
+
+
+def _one(storage: BaseStorage, applier: Applier, ref: TrialRef, note: Note,
+         command: Command | None, *, reason: str | None, user: str | None,
+         source: str) -> TrialResult:
+    saved = _edited(applier, ref, note, command, reason)
+    if isinstance(saved, Outcome):
+        return _result(ref, saved)
     conflict = Outcome("conflict", "the note changed while we wrote it; nothing saved, run again",
                        ref.trial_id)
     if not applier.dry_run:
@@ -222,16 +279,10 @@ def _one(storage: BaseStorage, applier: Applier, ref: TrialRef, note: Note,
                 return _result(ref, conflict)
             if isinstance(done, Outcome):
                 return _result(ref, done, saved.version)
-        elif not dashboard.save_note(storage, ref.study_id, ref.trial_id, saved.version, body):
+        elif not dashboard.save_note(storage, ref.study_id, ref.trial_id, saved.version,
+                                     saved.body):
             return _result(ref, conflict)
-    try:
-        outcome = applier.apply(ref, saved, source=source, user=user)
-    except Exception as exc:
-        # The note is saved and queued, as after a dashboard save: the sweep applies it.
-        logger.exception("applying the note of trial #%d failed", ref.number)
-        return _result(ref, Outcome("error", f"saved; a running server applies it ({exc})",
-                                    ref.trial_id), saved.version)
-    return _result(ref, outcome, None if applier.dry_run else saved.version)
+    return _applied(applier, ref, saved, source=source, user=user)
 
 
 def with_command(body: str, word: str, reason: str | None) -> str:

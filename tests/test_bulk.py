@@ -79,7 +79,8 @@ def test_a_state_filter_prunes_every_running_trial_each_with_its_note_and_audit_
         assert note(study, ids[label]) == {"version": 1, "body": "bad data split\nPRUNE"}
     rows = audit_rows(storage_url)
     assert sorted((r.trial_number, r.to_state, r.source, r.user_name, r.note_version)
-                  for r in rows) == [(2, "PRUNED", "bulk", "ann", 1), (3, "PRUNED", "bulk", "ann", 1)]
+                  for r in rows) == [(2, "PRUNED", "bulk", "ann", 1),
+                                     (3, "PRUNED", "bulk", "ann", 1)]
     assert state(storage_url, ids["complete"]) is S.COMPLETE
 
 
@@ -250,3 +251,37 @@ def test_five_hundred_running_trials_in_one_action_on_postgresql(postgres_url: s
     assert r.status == 200 and r.json()["counts"] == {"applied": 500}, r.body[:300]
     print(f"\nbulk PRUNE of 500 RUNNING trials on PostgreSQL: {took:.2f} s")
     assert len(audit_rows(postgres_url)) == 500
+
+
+def test_the_batched_save_saves_nothing_when_a_trial_left_its_state_and_skips_stale_versions(
+    storage_url: str,
+) -> None:
+    """SqlStore.save_notes, the bulk action's one transaction: a compare-and-set on every
+    trial's state (all or nothing: the caller then saves one at a time) and on every note's
+    version (a stale one is left out and handed back, the others saved)."""
+    from hitl_pruner.audit import AuditEntry
+    from hitl_pruner.rdb import SqlStore
+    from hitl_pruner.store import Note
+
+    study, ids = make_study(storage_url)
+    app = app_for(storage_url)
+    store: SqlStore = app.store
+    refs = store.trials([ids["running"], ids["running2"]])
+    one, two = refs[ids["running"]], refs[ids["running2"]]
+
+    def entry(ref: Any, from_state: S) -> AuditEntry:
+        return AuditEntry(study_id=ref.study_id, study_name=ref.study_name,
+                          trial_id=ref.trial_id, trial_number=ref.number,
+                          from_state=from_state, to_state=S.PRUNED, note_version=1,
+                          user=None, source="bulk", retroactive=False, undo=False)
+
+    assert store.save_notes([(one, Note(1, "PRUNE"), entry(one, S.RUNNING)),
+                             (two, Note(1, "PRUNE"), entry(two, S.COMPLETE))]) is None
+    assert note(study, ids["running"]) == {"version": 0, "body": ""}
+    assert state(storage_url, ids["running"]) is S.RUNNING and audit_rows(storage_url) == []
+    stale = store.save_notes([(one, Note(1, "PRUNE"), entry(one, S.RUNNING)),
+                              (two, Note(2, "PRUNE"), None)])
+    assert stale == {two.trial_id: Note(0, "")}
+    assert note(study, ids["running"]) == {"version": 1, "body": "PRUNE"}
+    assert state(storage_url, ids["running"]) is S.PRUNED
+    assert note(study, ids["running2"]) == {"version": 0, "body": ""}
