@@ -681,6 +681,262 @@
     }
   };
 
+  /* -- bulk action: prune, fail or undo many trials of the study on view ------------------------ */
+
+  // A panel of our own (the dashboard's trial list is its React state, not ours to extend): a
+  // filter (trial numbers like "3 5 7-9", a state, a parameter range), a preview that is the
+  // server's dry run of exactly that request, and an Apply that needs a second click to confirm.
+  // POST /hitl/api/studies/<id>/bulk sends every trial through the note-save path (bulk.py).
+  const bulkEl = (tag, props, ...children) => {
+    const el = document.createElement(tag);
+    Object.assign(el, props || {});
+    el.append(...children);
+    return el;
+  };
+
+  const bulkField = (label, input) =>
+    bulkEl("label", { className: "hitl-bulk-field" }, bulkEl("span", {}, label), input);
+
+  // "3 5, 7-9" -> [3, 5, "7-9"]; throws with a message for anything else.
+  const bulkTrials = (text) =>
+    text
+      .split(/[\s,]+/)
+      .filter(Boolean)
+      .map((part) => {
+        if (/^\d+$/.test(part)) {
+          return Number(part);
+        }
+        if (/^\d+-\d+$/.test(part)) {
+          return part;
+        }
+        throw new Error(`"${part}" is not a trial number or a range like 7-9`);
+      });
+
+  const bulk = { studyId: null, panel: null, preview: null };
+
+  const bulkRequest = (form) => {
+    const body = { action: form.action.value };
+    const trials = bulkTrials(form.trials.value);
+    if (trials.length) {
+      body.trials = trials;
+    }
+    const filter = {};
+    if (form.state.value) {
+      filter.state = form.state.value;
+    }
+    if (form.param.value.trim()) {
+      const param = { name: form.param.value.trim() };
+      for (const key of ["min", "max"]) {
+        if (form[key].value.trim() !== "") {
+          param[key] = Number(form[key].value);
+        }
+      }
+      filter.param = param;
+    }
+    if (Object.keys(filter).length) {
+      body.filter = filter;
+    }
+    if (form.reason.value.trim() && body.action !== "undo") {
+      body.reason = form.reason.value.trim();
+    }
+    return body;
+  };
+
+  const bulkPost = async (studyId, body) => {
+    const res = await realFetch(`${PREFIX}/hitl/api/studies/${studyId}/bulk`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body),
+    });
+    const data = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      throw new Error(data.reason || `${res.status} ${res.statusText}`);
+    }
+    return data;
+  };
+
+  const bulkCounts = (counts) =>
+    Object.entries(counts)
+      .map(([action, n]) => `${n} ${action === "dry run" ? "would change" : action}`)
+      .join(", ") || "no trials";
+
+  const bulkShow = (panel, data) => {
+    const rows = data.results.map((r) => {
+      const tr = bulkEl("tr", {});
+      tr.dataset.action = r.action;
+      tr.append(
+        bulkEl("td", {}, `Trial ${r.number}`),
+        bulkEl("td", {}, r.from && r.to ? `${r.from} \u2192 ${r.to}` : "\u2014"),
+        bulkEl("td", { className: "hitl-bulk-outcome" }, r.action),
+        bulkEl("td", { className: "hitl-muted" }, r.reason),
+      );
+      return tr;
+    });
+    const table = panel.querySelector(".hitl-bulk-results");
+    table.replaceChildren(...rows);
+    table.hidden = rows.length === 0;
+    const summary = panel.querySelector(".hitl-bulk-summary");
+    summary.textContent = data.dry_run
+      ? `Preview (nothing changed yet): ${data.matched} trials match; ${bulkCounts(data.counts)}.`
+      : `Done: ${bulkCounts(data.counts)}.`;
+  };
+
+  const bulkApplyButton = (panel) => panel.querySelector(".hitl-bulk-apply");
+
+  const bulkReset = (panel) => {
+    bulk.preview = null;
+    const apply = bulkApplyButton(panel);
+    apply.disabled = true;
+    apply.dataset.confirm = "";
+    apply.textContent = "Apply";
+  };
+
+  const bulkSubmit = async (panel, dryRun) => {
+    const form = panel.querySelector("form");
+    const apply = bulkApplyButton(panel);
+    let body;
+    try {
+      body = bulkRequest(form.elements);
+    } catch (e) {
+      panel.querySelector(".hitl-bulk-summary").textContent = String(e.message || e);
+      return;
+    }
+    if (!dryRun) {
+      // Only what was previewed, and only after a second click that says how many.
+      if (JSON.stringify(body) !== JSON.stringify(bulk.preview && bulk.preview.body)) {
+        bulkReset(panel);
+        return;
+      }
+      if (apply.dataset.confirm !== "yes") {
+        apply.dataset.confirm = "yes";
+        apply.textContent = `Confirm: ${body.action} ${bulk.preview.willChange} trials`;
+        return;
+      }
+    }
+    panel.querySelectorAll("button").forEach((b) => {
+      b.disabled = true;
+    });
+    try {
+      const data = await bulkPost(bulk.studyId, { ...body, dry_run: dryRun });
+      bulkShow(panel, data);
+      if (dryRun) {
+        const willChange = data.results.filter((r) => r.action === "dry run").length;
+        bulkReset(panel);
+        bulk.preview = { body, willChange };
+        apply.disabled = willChange === 0;
+        apply.textContent = `Apply to ${willChange} trials`;
+      } else {
+        bulkReset(panel);
+        for (const r of data.results) {
+          forgetInfo(r.trial_id);
+          if (r.action === "applied" && LABELS[r.to]) {
+            overrides.set(r.trial_id, { studyId: bulk.studyId, number: r.number, state: LABELS[r.to] });
+          }
+        }
+        decorate();
+        toast({
+          kind: "success",
+          action: "bulk",
+          title: `${body.action}: ${bulkCounts(data.counts)}`,
+          links: [{ text: "Human actions", href: `${PREFIX}/hitl/actions?study=${bulk.studyId}` }],
+        });
+      }
+    } catch (e) {
+      bulkReset(panel);
+      panel.querySelector(".hitl-bulk-summary").textContent = `Refused: ${e.message || e}`;
+    } finally {
+      panel.querySelectorAll(".hitl-bulk-preview, .hitl-bulk-close").forEach((b) => {
+        b.disabled = false;
+      });
+    }
+  };
+
+  const bulkPanel = () => {
+    const select = (name, options) =>
+      bulkEl("select", { name }, ...options.map(([value, text]) => bulkEl("option", { value }, text)));
+    const input = (name, props) => bulkEl("input", { name, type: "text", ...props });
+    const form = bulkEl(
+      "form",
+      { className: "hitl-bulk-form" },
+      bulkField("Action", select("action", [["prune", "Prune"], ["fail", "Fail"], ["undo", "Undo"]])),
+      bulkField("Trials", input("trials", { placeholder: "3 5 7-9" })),
+      bulkField(
+        "State",
+        select("state", [["", "any"], ...Object.keys(LABELS).map((s) => [s, LABELS[s]])]),
+      ),
+      bulkField("Parameter", input("param", { placeholder: "name" })),
+      bulkField("from", input("min", { inputMode: "decimal", placeholder: "min" })),
+      bulkField("to", input("max", { inputMode: "decimal", placeholder: "max" })),
+      bulkField("Reason", input("reason", { placeholder: "optional, goes into each note", maxLength: 500 })),
+    );
+    const preview = bulkEl("button", { type: "button", className: "hitl-btn hitl-bulk-preview" }, "Preview");
+    const apply = bulkEl("button", { type: "button", className: "hitl-btn hitl-btn-prune hitl-bulk-apply", disabled: true }, "Apply");
+    const close = bulkEl("button", { type: "button", className: "hitl-btn hitl-bulk-close" }, "Close");
+    const panel = bulkEl(
+      "section",
+      { className: "hitl-bulk" },
+      bulkEl("h2", { className: "hitl-bulk-title" }, "Bulk action"),
+      form,
+      bulkEl("div", { className: "hitl-bulk-buttons" }, preview, apply, close),
+      bulkEl("div", { className: "hitl-bulk-summary", role: "status" }),
+      bulkEl("table", { className: "hitl-bulk-results", hidden: true }),
+    );
+    panel.setAttribute("aria-label", "Bulk action on trials");
+    panel.hidden = true;
+    form.addEventListener("input", () => bulkReset(panel));
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      bulkSubmit(panel, true);
+    });
+    preview.addEventListener("click", () => bulkSubmit(panel, true));
+    apply.addEventListener("click", () => bulkSubmit(panel, false));
+    close.addEventListener("click", () => {
+      panel.hidden = true;
+    });
+    return panel;
+  };
+
+  // The "Bulk action" button and its panel, on the pages of one study only.
+  const placeBulk = () => {
+    if (document.body.dataset.hitlPage === "actions") {
+      return;
+    }
+    const path = local(location.href);
+    const page = path && STUDY_PAGE.exec(path);
+    let opener = document.querySelector(".hitl-bulk-open");
+    if (!page) {
+      if (opener) {
+        opener.hidden = true;
+        bulk.panel.hidden = true;
+      }
+      return;
+    }
+    if (!opener) {
+      bulk.panel = bulkPanel();
+      opener = bulkEl("button", { type: "button", className: "hitl-btn hitl-bulk-open" }, "Bulk action");
+      opener.addEventListener("click", () => {
+        bulk.panel.hidden = !bulk.panel.hidden;
+        if (!bulk.panel.hidden) {
+          bulk.panel.querySelector("input[name=trials]").focus();
+        }
+      });
+      document.body.append(opener, bulk.panel);
+    }
+    opener.hidden = false;
+    const studyId = Number(page[1]);
+    if (bulk.studyId !== studyId) {
+      bulk.studyId = studyId;
+      bulkReset(bulk.panel);
+    }
+  };
+
+  if (document.body.dataset.hitlPage !== "actions") {
+    new MutationObserver(placeBulk).observe(document.body, { childList: true });
+    window.addEventListener("popstate", placeBulk);
+    setInterval(placeBulk, 1000); // the dashboard routes with pushState, which fires no event
+    placeBulk();
+  }
+
   /* -- the Human actions page ---------------------------------------------------------------- */
 
   const cell = (row, content, className) => {
