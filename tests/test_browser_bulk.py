@@ -114,7 +114,7 @@ def test_a_reason_goes_into_the_note_and_the_note_editor_then_saves_without_a_40
     study, ids = study_of(sqlite_url, 2)
     sid = study._study_id
     with gunicorn_server(sqlite_url, tmp_path) as server:
-        page, console = pages.open()
+        page, _ = pages.open()
         page.goto(f"{server.base}/dashboard/studies/{sid}/trials")
         # A COMPLETE trial: the dashboard never fetches it again, so its note panel would keep
         # the note it had unless we tell it.
@@ -131,7 +131,7 @@ def test_a_reason_goes_into_the_note_and_the_note_editor_then_saves_without_a_40
         page.get_by_text("bad data split").first.wait_for(timeout=2000)
         # ... so the next edit is saved, not met with a 409.
         type_note(page, "bad data split\nFAIL\n\nchecked again: still bad")
-        page.get_by_text("Success to save the note").wait_for()
+        page.locator(".hitl-toast[data-action='nothing to do']").wait_for()
         wait_for(lambda: server.trial_detail(sid, ids[0])["note"]["version"] == 2, timeout=5,
                  what="the second save")
         assert state_of(sqlite_url, ids[0]) is TrialState.FAIL

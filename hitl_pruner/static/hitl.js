@@ -274,7 +274,15 @@
     try {
       const note = NOTE_PATH.exec(path);
       const study = STUDY_PATH.exec(path);
-      if (note && method === "PUT" && answer.status === 204) {
+      if (note && method === "PUT" && editorSaves.has(Number(note[2]))) {
+        // A button's save through the dashboard's note editor (act): the button reads it.
+        // Its body is read now, before the dashboard reads (and so uses up) the answer.
+        const body = readJson().catch(() => ({}));
+        if (answer.status === 409) {
+          editorConflictAt = performance.now();
+        }
+        editorSaves.get(Number(note[2]))({ status: answer.status, answer, body });
+      } else if (note && method === "PUT" && answer.status === 204) {
         noteSaved(Number(note[1]), Number(note[2]), answer);
       } else if (answer.headers.has(OUTCOME_HEADER)) {
         // e.g. the dashboard's Fail Trial button, which hitl-pruner handles too.
@@ -461,39 +469,115 @@
     return trialInfo.get(key);
   };
 
-  const withCommand = (body, text) => {
+  // As script.with_command: the reason on the line before the command word, which stays last.
+  const withCommand = (body, text, reason) => {
     const kept = body.replace(/\s+$/, "");
-    return kept ? `${kept}\n\n${text}` : text;
+    const added = reason ? `${reason}\n${text}` : text;
+    return kept ? `${kept}\n\n${added}` : added;
   };
 
-  // Write the command into the trial's note, as the note editor would: the dashboard's note
-  // API, the stored version + 1, so a concurrent edit gets the dashboard's 409.
+  // trial_id -> resolve({status, answer, body}): a button waits for the dashboard's note
+  // save it started (answered() hands it over).
+  const editorSaves = new Map();
+  // When a button's save met a 409: the dashboard's editor then rejects a promise nobody
+  // catches (as it does for a typed save), after showing its own message; we show ours too,
+  // so that rejection is not reported again as an uncaught error.
+  let editorConflictAt = -Infinity;
+  window.addEventListener("unhandledrejection", (event) => {
+    const reason = event.reason;
+    const status = reason && reason.response && reason.response.status;
+    if (status === 409 && performance.now() - editorConflictAt < 5000) {
+      editorConflictAt = -Infinity;
+      event.preventDefault();
+    }
+  });
+
+  const soon = (find, ms = 3000) =>
+    new Promise((resolve, reject) => {
+      const start = performance.now();
+      const look = () => {
+        const found = find();
+        if (found) {
+          resolve(found);
+        } else if (performance.now() - start > ms) {
+          reject(new Error("the dashboard's note editor did not open"));
+        } else {
+          requestAnimationFrame(look);
+        }
+      };
+      look();
+    });
+
+  // The note box of the trial on view: the element after its "Note" heading.
+  const noteBox = (bar) => {
+    const heading = [...(bar.parentElement || document).querySelectorAll("h5")].find(
+      (h) => (h.textContent || "").trim() === "Note",
+    );
+    return heading ? heading.nextElementSibling : null;
+  };
+
+  // Save the note through the dashboard's own note editor, as a user would: the dashboard
+  // then holds the new note and its version (its editor reads both from its own copy of the
+  // trial, which it never fetches again for a finished trial), so the user's next edit is not
+  // met with a 409; a concurrent edit still gets the dashboard's conflict answer.
+  const saveInEditor = async (bar, trialId, edit) => {
+    const box = noteBox(bar);
+    if (!box) {
+      throw new Error("the trial's note is not on the page");
+    }
+    if (box.querySelector("textarea")) {
+      throw new Error("save or close the note you are editing first, then click again");
+    }
+    const pencil = box.querySelector("button");
+    if (!pencil) {
+      throw new Error("the note has no edit button");
+    }
+    pencil.click();
+    const textarea = await soon(() => box.querySelector("textarea"));
+    const setValue = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, "value").set;
+    setValue.call(textarea, edit(textarea.value));
+    // React reads the editor's text on "input" (its onChange), which marks it changed.
+    textarea.dispatchEvent(new Event("input", { bubbles: true }));
+    const save = await soon(() =>
+      [...box.querySelectorAll("button")].find(
+        (b) => (b.textContent || "").trim() === "Save" && !b.disabled,
+      ),
+    );
+    const answered = new Promise((resolve) => editorSaves.set(trialId, resolve));
+    try {
+      save.click();
+      return await answered;
+    } finally {
+      editorSaves.delete(trialId);
+    }
+  };
+
+  // Write the command (with the reason typed next to the buttons, if any) into the trial's
+  // note: through the dashboard's note editor, so its save is the dashboard's own, with the
+  // stored version + 1.
   const act = async (bar, studyId, trialId, command) => {
-    const buttons = bar.querySelectorAll("button");
+    const buttons = bar.querySelectorAll("button, input");
     buttons.forEach((b) => {
       b.disabled = true;
     });
+    const input = bar.querySelector("input.hitl-reason");
+    const reason = input ? input.value.replace(/\s+/g, " ").trim() : "";
     try {
       const info = await getTrialInfo(studyId, trialId, bar.dataset.state, true);
       const cmd = info.commands[command];
-      const note = { version: info.note.version + 1, body: withCommand(info.note.body, cmd.text) };
-      const res = await realFetch(`${PREFIX}/api/studies/${studyId}/${trialId}/note`, {
-        method: "PUT",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(note),
-      });
-      if (res.status === 204) {
-        noteSaved(studyId, trialId, res, info.number);
+      const saved = await saveInEditor(bar, trialId, (body) => withCommand(body, cmd.text, reason));
+      if (saved.status === 204) {
+        noteSaved(studyId, trialId, saved.answer, info.number);
         return;
       }
-      const data = await res.json().catch(() => ({}));
+      const data = await saved.body;
       toast({
         kind: "error",
         action: "failed",
-        title: `Failed: ${data.reason || `${res.status} ${res.statusText}`}`,
+        title: `Failed: ${data.reason || `${saved.status}`}`,
       });
     } catch (e) {
-      toast({ kind: "error", action: "failed", title: "Failed to save the note", detail: String(e) });
+      toast({ kind: "error", action: "failed", title: "Failed to save the note", detail: String(e.message || e) });
     } finally {
       buttons.forEach((b) => {
         b.disabled = false;
@@ -522,6 +606,15 @@
         label.textContent = "Human decision:";
         parts.push(label);
         const refused = new Set();
+        if (Object.values(info.commands).some((c) => c.allowed)) {
+          const reason = document.createElement("input");
+          reason.type = "text";
+          reason.className = "hitl-reason";
+          reason.maxLength = 500;
+          reason.placeholder = "reason (optional)";
+          reason.setAttribute("aria-label", "Reason, written into the note with the command");
+          parts.push(reason);
+        }
         for (const [command, cls] of [
           ["PRUNE", "hitl-btn-prune"],
           ["FAIL", "hitl-btn-fail"],
