@@ -46,6 +46,8 @@ FINISHED_BY_US_POSSIBLE = (TrialState.PRUNED, TrialState.FAIL)
 # Not "lost race" (the sweep looks again), nor anything in a dry run (a real run still applies
 # the note), nor errors.
 HANDLED = frozenset(("applied", "requested", "nothing to do", "refused"))
+# Characters of a reason kept in the audit (the note keeps it whole).
+MAX_REASON = 500
 
 
 class Refusals(Protocol):
@@ -144,6 +146,18 @@ class Applier:
                 "(--allowed-users needs --user-header or basic auth)"
         return f"user {user!r} may not issue commands (--allowed-users)"
 
+    def reason_of(self, body: str) -> str | None:
+        """The reason a note gives for its command: the line just before the line the last
+        command word stands on alone (as the buttons, the bulk action and scripts write it:
+        ``reason\nPRUNE``); None when there is none."""
+        lines = body.rstrip().split("\n")
+        for i in range(len(lines) - 1, 0, -1):
+            line = lines[i]
+            if self.parser.parse(line) is not None and not self.parser.strip(line).strip():
+                before = lines[i - 1].strip()
+                return before[:MAX_REASON] or None
+        return None
+
     def needs_history(self, ref: TrialRef) -> bool:
         """Whether decide() must know our last change to this trial (one extra query)."""
         return ref.state in FINISHED_BY_US_POSSIBLE
@@ -180,6 +194,7 @@ class Applier:
             ref, command, note.version,
             source=source, user=user, last_change=last_change,
             refusal=self._refusal(ref, note, source, user),
+            reason=self.reason_of(note.body),
         )
         if source != SWEEP and outcome.action in HANDLED and not self.dry_run:
             try:
@@ -217,7 +232,7 @@ class Applier:
             decision, _ = self._decide(ref, command, None, source=source)
             if decision.action is Action.APPLY:
                 change = _Change.of(ref, command, note.version, decision, source=source,
-                                    user=user)
+                                    user=user, reason=self.reason_of(note.body))
                 try:
                     stored = store.save_note(ref, note, change.entry)
                 except LostRace:
@@ -256,7 +271,7 @@ class Applier:
             refusal = self._refusal(ref, note, source, user)
             if self.dry_run:
                 step = self._plan(ref, command, note.version, source=source, user=user,
-                                  refusal=refusal, known=known)
+                                  refusal=refusal, known=known, reason=self.reason_of(note.body))
                 assert isinstance(step, Outcome)  # a dry run writes nothing
                 results[ref.trial_id] = step
                 continue
@@ -265,7 +280,7 @@ class Applier:
                 decision, _ = self._decide(ref, command, None, source=source, known=known)
                 if decision.action is Action.APPLY:
                     change = _Change.of(ref, command, note.version, decision, source=source,
-                                        user=user)
+                                        user=user, reason=self.reason_of(note.body))
                     changes[ref.trial_id] = change
                     entry = change.entry
             items.append((ref, note, entry))
@@ -376,6 +391,7 @@ class Applier:
             step = self._plan(
                 ref, command, note.version, source=SWEEP, user=None,
                 refusal=self._refusal(ref, note, SWEEP, None), known=known,
+                reason=self.reason_of(note.body),
             )
             if isinstance(step, _Change):
                 changes.append(step)
@@ -420,9 +436,10 @@ class Applier:
         last_change: LastChange | None = None,
         retry: bool = True,
         refusal: str | None = None,
+        reason: str | None = None,
     ) -> Outcome:
         step = self._plan(ref, command, note_version, source=source, user=user,
-                          last_change=last_change, retry=retry, refusal=refusal)
+                          last_change=last_change, retry=retry, refusal=refusal, reason=reason)
         return step if isinstance(step, Outcome) else self._write(step, retry=retry)
 
     def _plan(
@@ -437,6 +454,7 @@ class Applier:
         retry: bool = True,
         refusal: str | None = None,
         known: _Known | None = None,
+        reason: str | None = None,
     ) -> Outcome | _Change:
         """Decide, and do all but forcing a state: the outcome, or the change to write."""
         decision, worker = self._decide(ref, command, last_change, source=source, known=known)
@@ -474,8 +492,9 @@ class Applier:
             except LostRace:
                 # Another server, or our sweep, asked between our read and our write.
                 return self._again(ref, command, note_version, source=source, user=user,
-                                   retry=retry)
-        change = _Change.of(ref, command, note_version, decision, source=source, user=user)
+                                   retry=retry, reason=reason)
+        change = _Change.of(ref, command, note_version, decision, source=source, user=user,
+                            reason=reason)
         if self.dry_run:
             logger.info("dry run, would change %s", change.entry.describe())
             return Outcome(
@@ -490,7 +509,8 @@ class Applier:
             # Often the sweep (or another server) applied this very note a moment earlier.
             entry = change.entry
             return self._again(change.ref, change.command, entry.note_version,
-                               source=entry.source, user=entry.user, retry=retry)
+                               source=entry.source, user=entry.user, retry=retry,
+                               reason=entry.reason)
         return change.outcome()
 
     def _write_many(self, changes: list[_Change]) -> dict[int, Outcome]:
@@ -518,7 +538,8 @@ class Applier:
         return outcomes
 
     def _again(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
-               source: str, user: str | None, retry: bool) -> Outcome:
+               source: str, user: str | None, retry: bool,
+               reason: str | None = None) -> Outcome:
         """Decide once more, on the trial as it is now, after losing a compare-and-set.
 
         When the sweep carried out this very note meanwhile, the second decision finds
@@ -529,7 +550,7 @@ class Applier:
         if fresh is None:
             return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
         return self._carry_out(fresh, command, note_version, source=source, user=user,
-                               retry=False)
+                               retry=False, reason=reason)
 
     def _claim(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
                source: str, user: str | None) -> Outcome | None:
@@ -663,6 +684,7 @@ class Applier:
             retroactive=False,
             undo=False,
             how=AFTER_GRACE if verdict is Settle.FORCE else BY_WORKER,
+            reason=self._request_reason(request),
         )
         if verdict is Settle.FORCE:
             # Only the request as read: a note save may have claimed it since (see _claim).
@@ -684,6 +706,15 @@ class Applier:
                 request.trial_number, state.name if state else "(deleted)", request.target.name,
             )
         return Outcome("dropped", "the worker ended the trial otherwise", request.trial_id)
+
+    def _request_reason(self, request: Request) -> str | None:
+        """The reason of the note that asked the worker, while the note is still that one."""
+        if request.note_version is None:
+            return None
+        note = self.store.notes(request.study_id, [request.trial_id]).get(request.trial_id)
+        if note is None or note.version != request.note_version:
+            return None
+        return self.reason_of(note.body)
 
     def _transition(self, entry: AuditEntry, request: Request | None = None) -> bool:
         try:
@@ -728,7 +759,8 @@ class _Change:
 
     @classmethod
     def of(cls, ref: TrialRef, command: Command | None, note_version: int | None,
-           decision: Decision, *, source: str, user: str | None) -> _Change:
+           decision: Decision, *, source: str, user: str | None,
+           reason: str | None = None) -> _Change:
         assert decision.source is not None and decision.target is not None
         entry = AuditEntry(
             study_id=ref.study_id,
@@ -742,6 +774,8 @@ class _Change:
             source=source,
             retroactive=decision.retroactive,
             undo=decision.undo,
+            # An undo takes the command out: the reason was the command's.
+            reason=None if decision.undo else reason,
         )
         return cls(ref, command, entry, decision)
 

@@ -73,6 +73,8 @@ class AuditEntry:
     retroactive: bool
     undo: bool
     how: str = FORCED
+    # The reason the note gave with its command (the line before the command word), if any.
+    reason: str | None = None
     at: datetime.datetime = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc)
     )
@@ -94,6 +96,7 @@ class AuditEntry:
             "retroactive": self.retroactive,
             "undo": self.undo,
             "how": self.how,
+            "reason": self.reason,
         }
 
     def describe(self) -> str:
@@ -105,5 +108,5 @@ class AuditEntry:
         return (
             f"study {self.study_name!r} trial #{self.trial_number} (id {self.trial_id}): "
             f"{self.from_state.name} -> {self.to_state.name}{kind}{who}{how}, "
-            f"{note}via {self.source}"
+            f"{note}via {self.source}" + (f": {self.reason}" if self.reason else "")
         )

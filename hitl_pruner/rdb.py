@@ -76,6 +76,9 @@ audit_t = sa.Table(
     sa.Column("is_undo", sa.Boolean, nullable=False),
     # "forced", "worker" or "grace": see audit.py.
     sa.Column("how", sa.String(16), nullable=False, default=FORCED),
+    # The reason the note gave with its command (Applier.reason_of); added in 0.x, so an older
+    # table gets it from install() (_add_columns).
+    sa.Column("reason", sa.String(500)),
     # Workers read the newest relabel of their study through this index (worker.py), one
     # lookup per check.
     sa.Index("ix_hitl_audit_relabels", "study_id", "retroactive", "id"),
@@ -337,6 +340,7 @@ class SqlStore:
             for attempt in range(ATTEMPTS):
                 try:
                     metadata.create_all(self._engine, checkfirst=True)
+                    _add_columns(self._engine)
                     self._install_triggers()
                     self._bootstrap()
                     return
@@ -775,10 +779,10 @@ class SqlStore:
         ver_keys = {ref.trial_id: note_ver_key(ref.trial_id) for ref, _, _ in items}
         try:
             with self._engine.begin() as conn:
-                stored = dict(conn.execute(
+                stored = {key: value for key, value in conn.execute(
                     sa.select(attrs_t.c.key, attrs_t.c.value_json)
                     .where(in_study, attrs_t.c.key.in_(sorted(ver_keys.values())))
-                ).tuples().all())
+                )}
                 conflicts: dict[int, Note] = {}
                 saving = []
                 for ref, note, entry in items:
@@ -933,6 +937,14 @@ def _transition_many(conn: sa.Connection, entries: Sequence[AuditEntry]) -> None
     conn.execute(sa.insert(audit_t), [_audit_row(entry) for entry in entries])
 
 
+def _add_columns(engine: sa.Engine) -> None:
+    """Columns added to our tables after their first release, added to a table made before."""
+    have = {column["name"] for column in sa.inspect(engine).get_columns("hitl_audit")}
+    if "reason" not in have:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE hitl_audit ADD COLUMN reason VARCHAR(500)")
+
+
 def _set_request_attr(conn: sa.Connection, trial_id: int, value: object | None) -> None:
     """Write (or, with None, delete) the trial's REQUEST_ATTR, as Optuna would store it."""
     conn.execute(sa.delete(trial_attrs_t).where(trial_attrs_t.c.trial_id == trial_id,
@@ -969,6 +981,7 @@ def _audit_row(entry: AuditEntry) -> dict[str, object]:
         "retroactive": entry.retroactive,
         "is_undo": entry.undo,
         "how": entry.how,
+        "reason": entry.reason[:500] if entry.reason else None,
     }
 
 
@@ -1040,4 +1053,5 @@ def _audit_entry(row: sa.Row) -> AuditEntry:
         retroactive=bool(row.retroactive),
         undo=bool(row.is_undo),
         how=row.how,
+        reason=row.reason,
     )

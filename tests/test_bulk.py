@@ -285,3 +285,41 @@ def test_the_batched_save_saves_nothing_when_a_trial_left_its_state_and_skips_st
     assert note(study, ids["running"]) == {"version": 1, "body": "PRUNE"}
     assert state(storage_url, ids["running"]) is S.PRUNED
     assert note(study, ids["running2"]) == {"version": 0, "body": ""}
+
+
+def test_the_reason_is_in_the_audit_row_and_the_actions_json_of_every_path(
+    storage_url: str,
+) -> None:
+    """A reason with the decision: bulk, a script, and a note typed in the dashboard."""
+    from helpers import save
+
+    import hitl_pruner
+
+    study, ids = make_study(storage_url)
+    app = app_for(storage_url)
+    assert bulk(app, study._study_id, {"action": "prune", "trials": [2],
+                                       "reason": "loss is NaN"}).status == 200
+    hitl_pruner.fail(storage_url, "s", [3], reason="bad split")
+    assert save(app, study._study_id, ids["complete"], 1,
+                "notes\n\nwrong dataset\nFAIL").outcome["action"] == "applied"
+    bulk(app, study._study_id, {"action": "undo", "trials": [0]})
+    got = {(r.trial_number, r.is_undo): r.reason for r in audit_rows(storage_url)}
+    assert got == {(2, False): "loss is NaN", (3, False): "bad split",
+                   (0, False): "wrong dataset", (0, True): None}
+    listed = call(app, "GET", "/hitl/api/actions").json()["actions"]
+    assert {(a["trial_number"], a["undo"]): a["reason"] for a in listed} == got
+
+
+def test_an_audit_table_from_before_reasons_gets_the_column_at_start(storage_url: str) -> None:
+    study, _ = make_study(storage_url)
+    app_for(storage_url)  # installs hitl_audit
+    engine = sa.create_engine(storage_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE hitl_audit DROP COLUMN reason")
+        app = app_for(storage_url)  # installs again: adds the column back
+        assert bulk(app, study._study_id, {"action": "prune", "trials": [2],
+                                           "reason": "why"}).status == 200
+        assert [r.reason for r in audit_rows(storage_url)] == ["why"]
+    finally:
+        engine.dispose()

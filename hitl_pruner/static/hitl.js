@@ -1109,6 +1109,13 @@
           change.appendChild(tag);
         }
       }
+      if (a.reason) {
+        // The reason the note gave with its command (text, never markup).
+        const why = document.createElement("div");
+        why.className = "hitl-action-reason";
+        why.textContent = a.reason;
+        change.appendChild(why);
+      }
       cell(tr, change, "hitl-change");
       cell(tr, a.state_now ? stateEl(a.state_now) : "\u2014");
       cell(tr, a.note_version === null ? "\u2014" : `v${a.note_version}`);
