@@ -121,14 +121,15 @@ def test_a_reason_goes_into_the_note_and_the_note_editor_then_saves_without_a_40
         open_trial(page, 0, ids[0])
         bar = page.locator(".hitl-bar")
         bar.locator("input.hitl-reason").fill("bad data split")
-        quiet(page)
-        page.screenshot(path=str(shots_dir(tmp_path) / "reason.png"))
         bar.locator("button[data-command=FAIL]").click()
         wait_shown(page, SHOWN_STATE, f"Trial 0 (trial_id={ids[0]})", "Fail", 2)
         assert server.trial_detail(sid, ids[0])["note"] == {
             "version": 1, "body": "bad data split\nFAIL"}
         # The note panel shows the new note at once ...
         page.get_by_text("bad data split").first.wait_for(timeout=2000)
+        page.locator(".hitl-toast[data-action=applied]").wait_for()
+        quiet(page)
+        page.screenshot(path=str(shots_dir(tmp_path) / "reason.png"))
         # ... so the next edit is saved, not met with a 409.
         type_note(page, "bad data split\nFAIL\n\nchecked again: still bad")
         page.locator(".hitl-toast[data-action='nothing to do']").wait_for()
