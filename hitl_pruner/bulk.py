@@ -50,9 +50,9 @@ from .script import parse_trials
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-# Trials one action may select: 500 take about a second on PostgreSQL here
-# (scripts/bench_bulk.py); a bigger batch is split by the caller, so no request holds a
-# gunicorn thread for long.
+# Trials one action may select. 500 take about 0.2 s on PostgreSQL here, in 22 statements
+# (scripts/bench_bulk.py); the cap keeps one request from holding a gunicorn thread and a
+# transaction's row locks for long: a bigger batch is split by the caller.
 MAX_TRIALS = 1000
 MAX_BODY = 64 * 1024
 MAX_REASON = 500
