@@ -268,7 +268,7 @@ def build_stack(
     )
     # A request that meets a database outage, ours or the dashboard's, gets a JSON 503.
     ui = OutageMiddleware(
-        UiMiddleware(hitl, applier=applier, live=watcher),
+        UiMiddleware(hitl, applier=applier, live=watcher, storage=storage),
         state=state, ping=ping, retry_after=settings.interval,
     )
     if not (settings.basic_auth or settings.user_header):

@@ -46,6 +46,8 @@ FINISHED_BY_US_POSSIBLE = (TrialState.PRUNED, TrialState.FAIL)
 # Not "lost race" (the sweep looks again), nor anything in a dry run (a real run still applies
 # the note), nor errors.
 HANDLED = frozenset(("applied", "requested", "nothing to do", "refused"))
+# Characters of a reason kept in the audit (the note keeps it whole).
+MAX_REASON = 500
 
 
 class Refusals(Protocol):
@@ -148,6 +150,18 @@ class Applier:
                 "(--allowed-users needs --user-header or basic auth)"
         return f"user {user!r} may not issue commands (--allowed-users)"
 
+    def reason_of(self, body: str) -> str | None:
+        """The reason a note gives for its command: the line just before the line the last
+        command word stands on alone (as the buttons, the bulk action and scripts write it:
+        ``reason\nPRUNE``); None when there is none."""
+        lines = body.rstrip().split("\n")
+        for i in range(len(lines) - 1, 0, -1):
+            line = lines[i]
+            if self.parser.parse(line) is not None and not self.parser.strip(line).strip():
+                before = lines[i - 1].strip()
+                return before[:MAX_REASON] or None
+        return None
+
     def needs_history(self, ref: TrialRef) -> bool:
         """Whether decide() must know our last change to this trial (one extra query)."""
         return ref.state in FINISHED_BY_US_POSSIBLE
@@ -184,6 +198,7 @@ class Applier:
             ref, command, note.version,
             source=source, user=user, last_change=last_change,
             refusal=self._refusal(ref, note, source, user),
+            reason=self.reason_of(note.body),
         )
         if source != SWEEP and outcome.action in HANDLED and not self.dry_run:
             try:
@@ -198,7 +213,8 @@ class Applier:
         """Whether note saves go through ``save`` (the store writes notes itself)."""
         return isinstance(self.store, NoteSaver)
 
-    def save(self, ref: TrialRef, note: Note, *, user: str | None) -> Outcome | Note | None:
+    def save(self, ref: TrialRef, note: Note, *, user: str | None,
+             source: str = NOTE_SAVE) -> Outcome | Note | None:
         """Save a note from the dashboard's editor, as its note API would, in one transaction;
         when the note forces a state, with the change and its audit row in that transaction.
 
@@ -207,6 +223,8 @@ class Applier:
         its version + 1 (nothing is saved: the dashboard's 409); None when the note was saved
         alone, for the caller to ``apply(ref, note, source=NOTE_SAVE)`` as after any save:
         nothing to do, asking the worker, a refusal, a dry run, a trial that changed under us.
+        ``source``: the path that saves it, for the audit row (a script or a bulk action saves
+        its notes this way too).
         """
         store = self.store
         assert isinstance(store, NoteSaver), "saves_notes is False: the dashboard saves notes"
@@ -214,11 +232,11 @@ class Applier:
         # Only a command, or taking one out of a note on a trial we ended (undo), can force.
         can_force = command is not None or self.needs_history(ref)
         if (can_force and self.monitors(ref.study_name) and not self.dry_run
-                and self._refusal(ref, note, NOTE_SAVE, user) is None):
-            decision, _ = self._decide(ref, command, None, source=NOTE_SAVE)
+                and self._refusal(ref, note, source, user) is None):
+            decision, _ = self._decide(ref, command, None, source=source)
             if decision.action is Action.APPLY:
-                change = _Change.of(ref, command, note.version, decision, source=NOTE_SAVE,
-                                    user=user)
+                change = _Change.of(ref, command, note.version, decision, source=source,
+                                    user=user, reason=self.reason_of(note.body))
                 try:
                     stored = store.save_note(ref, note, change.entry)
                 except LostRace:
@@ -230,6 +248,65 @@ class Applier:
                     self._on_change(ref.study_id, [change.entry])
                     return change.outcome()
         return store.save_note(ref, note)
+
+    def save_many(self, notes: Sequence[tuple[TrialRef, Note]], *, user: str | None,
+                  source: str) -> list[Outcome | Note | None]:
+        """``save`` for many notes of one study (the bulk action), in the order given: the same
+        decisions, with their facts read for all the trials at once, and the notes with the
+        changes they force written in one transaction (SqlStore.save_notes). When that cannot
+        be done (a trial or note changed under us), each note is saved alone by ``save``.
+
+        In a dry run nothing is saved, and each entry is the outcome its note would have.
+        """
+        store = self.store
+        assert isinstance(store, NoteSaver), "saves_notes is False: the dashboard saves notes"
+        todo = [(ref, note, self.parser.parse(note.body)) for ref, note in notes
+                if self.monitors(ref.study_name)]
+        known = _Known(
+            history=store.last_changes(
+                ref.trial_id for ref, _, _ in todo if self.needs_history(ref)),
+            workers=store.workers([ref for ref, _, command in todo if _has_worker(ref, command)],
+                                  alive_for=worker_alive_for(self.grace)),
+        )
+        results: dict[int, Outcome | Note | None] = {}
+        items: list[tuple[TrialRef, Note, AuditEntry | None]] = []
+        changes: dict[int, _Change] = {}
+        for ref, note, command in todo:
+            refusal = self._refusal(ref, note, source, user)
+            if self.dry_run:
+                step = self._plan(ref, command, note.version, source=source, user=user,
+                                  refusal=refusal, known=known, reason=self.reason_of(note.body))
+                assert isinstance(step, Outcome)  # a dry run writes nothing
+                results[ref.trial_id] = step
+                continue
+            entry = None
+            if refusal is None and (command is not None or self.needs_history(ref)):
+                decision, _ = self._decide(ref, command, None, source=source, known=known)
+                if decision.action is Action.APPLY:
+                    change = _Change.of(ref, command, note.version, decision, source=source,
+                                        user=user, reason=self.reason_of(note.body))
+                    changes[ref.trial_id] = change
+                    entry = change.entry
+            items.append((ref, note, entry))
+        if not self.dry_run:
+            conflicts = store.save_notes(items) if hasattr(store, "save_notes") else None
+            if conflicts is None:
+                for ref, note, _ in items:
+                    results[ref.trial_id] = self.save(ref, note, user=user, source=source)
+            else:
+                applied = []
+                for ref, _, entry in items:
+                    if ref.trial_id in conflicts:
+                        results[ref.trial_id] = conflicts[ref.trial_id]
+                    elif entry is not None:
+                        logger.info("changed %s", entry.describe())
+                        applied.append(entry)
+                        results[ref.trial_id] = changes[ref.trial_id].outcome()
+                    else:
+                        results[ref.trial_id] = None  # saved alone: apply it as after a save
+                for study_id in {e.study_id for e in applied}:
+                    self._on_change(study_id, [e for e in applied if e.study_id == study_id])
+        return [results.get(ref.trial_id) for ref, _ in notes]
 
     def command(self, ref: TrialRef, command: Command, *, source: str,
                 user: str | None = None, note_version: int | None = None) -> Outcome:
@@ -318,6 +395,7 @@ class Applier:
             step = self._plan(
                 ref, command, note.version, source=SWEEP, user=None,
                 refusal=self._refusal(ref, note, SWEEP, None), known=known,
+                reason=self.reason_of(note.body),
             )
             if isinstance(step, _Change):
                 changes.append(step)
@@ -362,9 +440,10 @@ class Applier:
         last_change: LastChange | None = None,
         retry: bool = True,
         refusal: str | None = None,
+        reason: str | None = None,
     ) -> Outcome:
         step = self._plan(ref, command, note_version, source=source, user=user,
-                          last_change=last_change, retry=retry, refusal=refusal)
+                          last_change=last_change, retry=retry, refusal=refusal, reason=reason)
         return step if isinstance(step, Outcome) else self._write(step, retry=retry)
 
     def _plan(
@@ -379,6 +458,7 @@ class Applier:
         retry: bool = True,
         refusal: str | None = None,
         known: _Known | None = None,
+        reason: str | None = None,
     ) -> Outcome | _Change:
         """Decide, and do all but forcing a state: the outcome, or the change to write."""
         decision, worker = self._decide(ref, command, last_change, source=source, known=known)
@@ -416,8 +496,9 @@ class Applier:
             except LostRace:
                 # Another server, or our sweep, asked between our read and our write.
                 return self._again(ref, command, note_version, source=source, user=user,
-                                   retry=retry)
-        change = _Change.of(ref, command, note_version, decision, source=source, user=user)
+                                   retry=retry, reason=reason)
+        change = _Change.of(ref, command, note_version, decision, source=source, user=user,
+                            reason=reason)
         if self.dry_run:
             logger.info("dry run, would change %s", change.entry.describe())
             return Outcome(
@@ -432,7 +513,8 @@ class Applier:
             # Often the sweep (or another server) applied this very note a moment earlier.
             entry = change.entry
             return self._again(change.ref, change.command, entry.note_version,
-                               source=entry.source, user=entry.user, retry=retry)
+                               source=entry.source, user=entry.user, retry=retry,
+                               reason=entry.reason)
         return change.outcome()
 
     def _write_many(self, changes: list[_Change]) -> dict[int, Outcome]:
@@ -460,7 +542,8 @@ class Applier:
         return outcomes
 
     def _again(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
-               source: str, user: str | None, retry: bool) -> Outcome:
+               source: str, user: str | None, retry: bool,
+               reason: str | None = None) -> Outcome:
         """Decide once more, on the trial as it is now, after losing a compare-and-set.
 
         When the sweep carried out this very note meanwhile, the second decision finds
@@ -471,7 +554,7 @@ class Applier:
         if fresh is None:
             return Outcome("lost race", "the trial changed meanwhile", ref.trial_id)
         return self._carry_out(fresh, command, note_version, source=source, user=user,
-                               retry=False)
+                               retry=False, reason=reason)
 
     def _claim(self, ref: TrialRef, command: Command | None, note_version: int | None, *,
                source: str, user: str | None) -> Outcome | None:
@@ -605,6 +688,7 @@ class Applier:
             retroactive=False,
             undo=False,
             how=AFTER_GRACE if verdict is Settle.FORCE else BY_WORKER,
+            reason=self._request_reason(request),
         )
         if verdict is Settle.FORCE:
             # Only the request as read: a note save may have claimed it since (see _claim).
@@ -626,6 +710,15 @@ class Applier:
                 request.trial_number, state.name if state else "(deleted)", request.target.name,
             )
         return Outcome("dropped", "the worker ended the trial otherwise", request.trial_id)
+
+    def _request_reason(self, request: Request) -> str | None:
+        """The reason of the note that asked the worker, while the note is still that one."""
+        if request.note_version is None:
+            return None
+        note = self.store.notes(request.study_id, [request.trial_id]).get(request.trial_id)
+        if note is None or note.version != request.note_version:
+            return None
+        return self.reason_of(note.body)
 
     def _transition(self, entry: AuditEntry, request: Request | None = None) -> bool:
         try:
@@ -679,7 +772,8 @@ class _Change:
 
     @classmethod
     def of(cls, ref: TrialRef, command: Command | None, note_version: int | None,
-           decision: Decision, *, source: str, user: str | None) -> _Change:
+           decision: Decision, *, source: str, user: str | None,
+           reason: str | None = None) -> _Change:
         assert decision.source is not None and decision.target is not None
         entry = AuditEntry(
             study_id=ref.study_id,
@@ -693,6 +787,8 @@ class _Change:
             source=source,
             retroactive=decision.retroactive,
             undo=decision.undo,
+            # An undo takes the command out: the reason was the command's.
+            reason=None if decision.undo else reason,
         )
         return cls(ref, command, entry, decision)
 

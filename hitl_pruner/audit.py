@@ -31,6 +31,8 @@ SWEEP = "sweep"
 FAIL_BUTTON = "fail-button"
 # a note saved by `python -m hitl_pruner prune|fail|undo` or hitl_pruner.prune() (script.py).
 CLI = "cli"
+# a note saved by the dashboard's bulk action (POST /hitl/api/studies/<id>/bulk, bulk.py).
+BULK = "bulk"
 
 
 def actor(source: str, user: str | None, note_version: int | None = None) -> str:
@@ -50,6 +52,8 @@ def actor(source: str, user: str | None, note_version: int | None = None) -> str
         return f"{who} with a note{note} saved in the dashboard"
     if source == CLI:
         return f"{who} with a note{note} saved from the command line or a script"
+    if source == BULK:
+        return f"{who} with a bulk action (note{note}) in the dashboard"
     return f"{who} via {source}"
 
 
@@ -69,6 +73,8 @@ class AuditEntry:
     retroactive: bool
     undo: bool
     how: str = FORCED
+    # The reason the note gave with its command (the line before the command word), if any.
+    reason: str | None = None
     at: datetime.datetime = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc)
     )
@@ -90,6 +96,7 @@ class AuditEntry:
             "retroactive": self.retroactive,
             "undo": self.undo,
             "how": self.how,
+            "reason": self.reason,
         }
 
     def describe(self) -> str:
@@ -101,5 +108,5 @@ class AuditEntry:
         return (
             f"study {self.study_name!r} trial #{self.trial_number} (id {self.trial_id}): "
             f"{self.from_state.name} -> {self.to_state.name}{kind}{who}{how}, "
-            f"{note}via {self.source}"
+            f"{note}via {self.source}" + (f": {self.reason}" if self.reason else "")
         )

@@ -365,6 +365,7 @@ def _entry(data: object) -> AuditEntry:
         retroactive=d["retroactive"],
         undo=d["undo"],
         how=d.get("how", FORCED),
+        reason=d.get("reason"),
     )
 
 

@@ -77,6 +77,9 @@ audit_t = sa.Table(
     sa.Column("is_undo", sa.Boolean, nullable=False),
     # "forced", "worker" or "grace": see audit.py.
     sa.Column("how", sa.String(16), nullable=False, default=FORCED),
+    # The reason the note gave with its command (Applier.reason_of); added in 0.x, so an older
+    # table gets it from install() (_add_columns).
+    sa.Column("reason", sa.String(500)),
     # Workers read the newest relabel of their study through this index (worker.py), one
     # lookup per check.
     sa.Index("ix_hitl_audit_relabels", "study_id", "retroactive", "id"),
@@ -353,6 +356,7 @@ class SqlStore:
             for attempt in range(ATTEMPTS):
                 try:
                     metadata.create_all(self._engine, checkfirst=True)
+                    _add_columns(self._engine)
                     self._install_indexes()
                     self._install_triggers()
                     self._bootstrap()
@@ -488,46 +492,9 @@ class SqlStore:
     def transition_many(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
         if not entries:
             return []
-        now = _utcnow()
-        # One executemany per set of columns a change writes: a trial that ran gets its
-        # completion time (and a waiting one its start), as in transition().
-        by_kind: dict[TrialState | None, list[dict[str, object]]] = {}
-        # In the order of the trials' ids, so that two servers writing batches at once lock the
-        # rows in one order: the second waits for the first, and finds its trials changed.
-        for kind, entry in sorted(
-            ((e.from_state if e.from_state in ACTIVE else None, e) for e in entries),
-            key=lambda pair: (
-                0 if pair[0] is None else ACTIVE.index(pair[0]) + 1, pair[1].trial_id
-            ),
-        ):
-            by_kind.setdefault(kind, []).append(
-                {"b_trial": entry.trial_id, "b_from": entry.from_state, "b_to": entry.to_state}
-            )
-        state_type = trials_t.c.state.type
         try:
             with self._engine.begin() as conn:
-                written = 0
-                for kind, rows in by_kind.items():
-                    values: dict[str, object] = {"state": sa.bindparam("b_to", type_=state_type)}
-                    if kind is not None:
-                        values["datetime_complete"] = now
-                        if kind == TrialState.WAITING:
-                            values["datetime_start"] = now
-                    written += conn.execute(
-                        sa.update(trials_t)
-                        .where(trials_t.c.trial_id == sa.bindparam("b_trial"))
-                        .where(trials_t.c.state == sa.bindparam("b_from", type_=state_type))
-                        .values(**values),
-                        rows,
-                    ).rowcount
-                # The drivers sum an executemany's rows (pysqlite, psycopg2, PyMySQL).
-                if written != len(entries):
-                    raise LostRace()
-                # Their states are final now: a request still open for one is answered.
-                conn.execute(sa.delete(requests_t).where(
-                    requests_t.c.trial_id.in_(sorted(e.trial_id for e in entries))
-                ))
-                conn.execute(sa.insert(audit_t), [_audit_row(entry) for entry in entries])
+                _transition_many(conn, entries)
         except LostRace:
             return list(entries)  # rolled back: the caller writes them one at a time
         except sa.exc.DBAPIError as exc:
@@ -827,6 +794,98 @@ class SqlStore:
             return self.notes(ref.study_id, [ref.trial_id]).get(ref.trial_id, Note(0, ""))
         return None
 
+    def save_notes(
+        self, items: Sequence[tuple[TrialRef, Note, AuditEntry | None]]
+    ) -> dict[int, Note] | None:
+        """``save_note`` for many trials of one study, in one transaction and a few statements
+        (the bulk action): each note only as its stored version + 1, each entry's change a
+        compare-and-set on its trial's state, with its audit row.
+
+        Returns {trial_id: stored note} for the notes not saved because their version is not
+        the stored one + 1 (the others are saved); None, saving nothing, when a trial left its
+        entry's from_state or a note was written meanwhile: the caller saves them one at a time.
+        """
+        if not items:
+            return {}
+        study_id = items[0][0].study_id
+        assert all(ref.study_id == study_id for ref, _, _ in items), "one study per call"
+        in_study = attrs_t.c.study_id == study_id
+        ver_keys = {ref.trial_id: note_ver_key(ref.trial_id) for ref, _, _ in items}
+        try:
+            with self._engine.begin() as conn:
+                stored = {key: value for key, value in conn.execute(
+                    sa.select(attrs_t.c.key, attrs_t.c.value_json)
+                    .where(in_study, attrs_t.c.key.in_(sorted(ver_keys.values())))
+                )}
+                conflicts: dict[int, Note] = {}
+                saving = []
+                for ref, note, entry in items:
+                    old = stored.get(ver_keys[ref.trial_id])
+                    if note.version != (int(json.loads(old)) if old is not None else 0) + 1:
+                        conflicts[ref.trial_id] = note
+                    else:
+                        saving.append((ref, note, entry, old))
+                updates = [{"b_key": ver_keys[ref.trial_id], "b_old": old,
+                            "b_new": json.dumps(note.version)}
+                           for ref, note, _, old in saving if old is not None]
+                if updates and conn.execute(
+                    sa.update(attrs_t)
+                    .where(in_study, attrs_t.c.key == sa.bindparam("b_key"),
+                           attrs_t.c.value_json == sa.bindparam("b_old"))
+                    .values(value_json=sa.bindparam("b_new")), updates,
+                ).rowcount != len(updates):
+                    raise LostRace()  # another save of one of these versions committed
+                inserts = [{"study_id": study_id, "key": ver_keys[ref.trial_id],
+                            "value_json": json.dumps(note.version)}
+                           for ref, note, _, old in saving if old is None]
+                # The chunks each trial's note has now: written again, added, or emptied.
+                saved_ids = {ref.trial_id for ref, _, _, _ in saving}
+                existing = {
+                    key for key in conn.execute(
+                        sa.select(attrs_t.c.key)
+                        .where(in_study, attrs_t.c.key.like("dashboard:%:note_str:%"))
+                    ).scalars()
+                    if (m := NOTE_KEY.match(key)) and int(m.group(1)) in saved_ids
+                }
+                chunks = {
+                    key: json.dumps(text)
+                    for ref, note, _, _ in saving
+                    for key, text in split_body(note.body, ref.trial_id).items()
+                }
+                written = [{"b_key": k, "b_value": v} for k, v in chunks.items() if k in existing]
+                written += [{"b_key": k, "b_value": '""'} for k in existing if k not in chunks]
+                inserts += [{"study_id": study_id, "key": k, "value_json": v}
+                            for k, v in chunks.items() if k not in existing]
+                if inserts:
+                    conn.execute(sa.insert(attrs_t), inserts)
+                if written:
+                    conn.execute(
+                        sa.update(attrs_t)
+                        .where(in_study, attrs_t.c.key == sa.bindparam("b_key"))
+                        .values(value_json=sa.bindparam("b_value")), written,
+                    )
+                entries = [entry for _, _, entry, _ in saving if entry is not None]
+                if entries:
+                    _transition_many(conn, entries)
+                    # Applied with their save: nothing is left for the sweep.
+                    done = {e.trial_id for e in entries}
+                    keys = [ver_keys[t] for t in done] + [
+                        k for k in (*chunks, *existing) if int(k.split(":", 2)[1]) in done]
+                    for start in range(0, len(keys), 500):
+                        conn.execute(sa.delete(changes_t).where(
+                            changes_t.c.study_id == study_id,
+                            changes_t.c.attr_key.in_(keys[start:start + 500])))
+        except (LostRace, sa.exc.IntegrityError):
+            return None
+        except sa.exc.DBAPIError as exc:
+            if not _conflict(exc):
+                raise
+            return None
+        if conflicts:
+            found = self.notes(study_id, conflicts)
+            return {tid: found.get(tid, Note(0, "")) for tid in conflicts}
+        return {}
+
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         query = sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit)
         with self._engine.connect() as conn:
@@ -899,6 +958,57 @@ def _transition(conn: sa.Connection, entry: AuditEntry, request: Request | None)
     conn.execute(sa.insert(audit_t).values(**_audit_row(entry)))
 
 
+def _transition_many(conn: sa.Connection, entries: Sequence[AuditEntry]) -> None:
+    """SqlStore.transition_many's writes, in the caller's transaction; LostRace when a trial
+    has left its from_state (the caller rolls back)."""
+    now = _utcnow()
+    # One executemany per set of columns a change writes: a trial that ran gets its
+    # completion time (and a waiting one its start), as in transition().
+    by_kind: dict[TrialState | None, list[dict[str, object]]] = {}
+    # In the order of the trials' ids, so that two servers writing batches at once lock the
+    # rows in one order: the second waits for the first, and finds its trials changed.
+    for kind, entry in sorted(
+        ((e.from_state if e.from_state in ACTIVE else None, e) for e in entries),
+        key=lambda pair: (
+            0 if pair[0] is None else ACTIVE.index(pair[0]) + 1, pair[1].trial_id
+        ),
+    ):
+        by_kind.setdefault(kind, []).append(
+            {"b_trial": entry.trial_id, "b_from": entry.from_state, "b_to": entry.to_state}
+        )
+    state_type = trials_t.c.state.type
+    written = 0
+    for kind, rows in by_kind.items():
+        values: dict[str, object] = {"state": sa.bindparam("b_to", type_=state_type)}
+        if kind is not None:
+            values["datetime_complete"] = now
+            if kind == TrialState.WAITING:
+                values["datetime_start"] = now
+        written += conn.execute(
+            sa.update(trials_t)
+            .where(trials_t.c.trial_id == sa.bindparam("b_trial"))
+            .where(trials_t.c.state == sa.bindparam("b_from", type_=state_type))
+            .values(**values),
+            rows,
+        ).rowcount
+    # The drivers sum an executemany's rows (pysqlite, psycopg2, PyMySQL).
+    if written != len(entries):
+        raise LostRace()
+    # Their states are final now: a request still open for one is answered.
+    conn.execute(sa.delete(requests_t).where(
+        requests_t.c.trial_id.in_(sorted(e.trial_id for e in entries))
+    ))
+    conn.execute(sa.insert(audit_t), [_audit_row(entry) for entry in entries])
+
+
+def _add_columns(engine: sa.Engine) -> None:
+    """Columns added to our tables after their first release, added to a table made before."""
+    have = {column["name"] for column in sa.inspect(engine).get_columns("hitl_audit")}
+    if "reason" not in have:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE hitl_audit ADD COLUMN reason VARCHAR(500)")
+
+
 def _set_request_attr(conn: sa.Connection, trial_id: int, value: object | None) -> None:
     """Write (or, with None, delete) the trial's REQUEST_ATTR, as Optuna would store it."""
     conn.execute(sa.delete(trial_attrs_t).where(trial_attrs_t.c.trial_id == trial_id,
@@ -959,6 +1069,7 @@ def _audit_row(entry: AuditEntry) -> dict[str, object]:
         "retroactive": entry.retroactive,
         "is_undo": entry.undo,
         "how": entry.how,
+        "reason": entry.reason[:500] if entry.reason else None,
     }
 
 
@@ -1030,4 +1141,5 @@ def _audit_entry(row: sa.Row) -> AuditEntry:
         retroactive=bool(row.retroactive),
         undo=bool(row.is_undo),
         how=row.how,
+        reason=row.reason,
     )

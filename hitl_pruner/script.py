@@ -10,11 +10,13 @@ environment and the command line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
 from typing import Any
 from typing import Iterable
+from typing import Mapping
 from typing import Sequence
 
 from optuna.storages import BaseStorage
@@ -154,53 +156,133 @@ def run(storage: BaseStorage | str, study_name: str, trials: Iterable[str | int]
             f"({', '.join(settings.studies)}; --study / HITL_STUDY of serve)"
         )
     ids = _trial_ids(storage, study_id, study_name, numbers)
-    refs = store.trials(ids.values())
+    return act(storage, applier, ids, command, reason=reason, user=user, source=CLI)
+
+
+def act(storage: BaseStorage, applier: Applier, ids: Mapping[int, int], command: Command | None,
+        *, reason: str | None, user: str | None, source: str,
+        dry_run: bool = False) -> list[TrialResult]:
+    """Carry out ``command`` (None: undo) on trials given as {number: trial_id}: each trial's
+    note gets its next version, saved and applied as one note save; one result each, in order.
+
+    The core of :func:`run` and of the dashboard's bulk action (bulk.py). The trials and their
+    notes are read in one go; each note is still saved as its own compare-and-set, and on an
+    RDB storage with its change and audit row in the same transaction (Applier.save).
+    ``dry_run``: save nothing, say what each note would do (as a server in --dry-run).
+    """
+    if dry_run and not applier.dry_run:
+        # The same applier, rules and all, but one that only says what it would do.
+        applier = copy.copy(applier)
+        applier.dry_run = True
+    refs = applier.store.trials(ids.values())
+    notes: dict[int, Note] = {}
+    for study_id in {ref.study_id for ref in refs.values()}:
+        notes.update(applier.store.notes(
+            study_id, [r.trial_id for r in refs.values() if r.study_id == study_id]))
+    if applier.saves_notes and len({ref.study_id for ref in refs.values()}) == 1:
+        return _many(applier, ids, refs, notes, command, reason=reason, user=user,
+                     source=source)
     results = []
     for number, trial_id in ids.items():
         ref = refs.get(trial_id)
         if ref is None:  # deleted since we looked: nothing to change
             results.append(TrialResult(number, trial_id, "nothing to do", "the trial is gone"))
             continue
-        results.append(_one(storage, applier, ref, command, reason=reason, user=user))
+        results.append(_one(storage, applier, ref, notes.get(trial_id, Note(0, "")), command,
+                            reason=reason, user=user, source=source))
     return results
 
 
-def _one(storage: BaseStorage, applier: Applier, ref: TrialRef, command: Command | None, *,
-         reason: str | None, user: str | None) -> TrialResult:
-    note = applier.store.notes(ref.study_id, [ref.trial_id]).get(ref.trial_id, Note(0, ""))
+def _many(applier: Applier, ids: Mapping[int, int], refs: Mapping[int, TrialRef],
+          notes: Mapping[int, Note], command: Command | None, *, reason: str | None,
+          user: str | None, source: str) -> list[TrialResult]:
+    """``_one`` for every trial, the notes saved in one go (Applier.save_many)."""
+    done: dict[int, TrialResult] = {}
+    saving: list[tuple[TrialRef, Note]] = []
+    for trial_id in ids.values():  # in the caller's order, as the audit rows are written
+        ref = refs.get(trial_id)
+        if ref is None:
+            continue
+        edited = _edited(applier, ref, notes.get(trial_id, Note(0, "")), command, reason)
+        if isinstance(edited, Outcome):
+            done[trial_id] = _result(ref, edited)
+            continue
+        if not applier.dry_run:
+            applier.before_save(ref, edited, user=user)
+        saving.append((ref, edited))
+    for (ref, saved), outcome in zip(saving, applier.save_many(saving, user=user, source=source)):
+        version = None if applier.dry_run else saved.version
+        if isinstance(outcome, Note):
+            done[ref.trial_id] = _result(ref, Outcome(
+                "conflict", "the note changed while we wrote it; nothing saved, run again",
+                ref.trial_id))
+        elif isinstance(outcome, Outcome):
+            done[ref.trial_id] = _result(ref, outcome, version)
+        else:  # saved alone, or outside --study: applied as after any save
+            done[ref.trial_id] = _applied(applier, ref, saved, source=source, user=user)
+    return [
+        done[trial_id] if trial_id in done
+        else TrialResult(number, trial_id, "nothing to do", "the trial is gone")
+        for number, trial_id in ids.items()
+    ]
+
+
+def _edited(applier: Applier, ref: TrialRef, note: Note, command: Command | None,
+            reason: str | None) -> Note | Outcome:
+    """The note's next version carrying the command (None: without command words), or why
+    there is nothing to save."""
     if command is None:
         body = applier.parser.strip(note.body)
         if body == note.body:
-            return _result(ref, Outcome(
-                "nothing to do", "the note has no PRUNE or FAIL to take out; nothing saved",
-                ref.trial_id,
-            ))
+            return Outcome("nothing to do",
+                           "the note has no PRUNE or FAIL to take out; nothing saved",
+                           ref.trial_id)
     else:
         body = with_command(note.body, command.value, reason)
         if applier.parser.parse(body) is not command:
-            return _result(ref, Outcome(
+            return Outcome(
                 "refused",
                 f"the configured patterns do not read {command.value!r} as {command.value}",
                 ref.trial_id,
-            ))
-    saved = Note(note.version + 1, body)
-    if not applier.dry_run:
-        # As the note-save does: a refused user's note is remembered before it is saved, so no
-        # sweep applies it meanwhile.
-        applier.before_save(ref, saved, user=user)
-        if not dashboard.save_note(storage, ref.study_id, ref.trial_id, saved.version, body):
-            return _result(ref, Outcome(
-                "conflict", "the note changed while we wrote it; nothing saved, run again",
-                ref.trial_id,
-            ))
+            )
+    return Note(note.version + 1, body)
+
+
+def _applied(applier: Applier, ref: TrialRef, saved: Note, *, source: str,
+             user: str | None) -> TrialResult:
     try:
-        outcome = applier.apply(ref, saved, source=CLI, user=user)
+        outcome = applier.apply(ref, saved, source=source, user=user)
     except Exception as exc:
         # The note is saved and queued, as after a dashboard save: the sweep applies it.
         logger.exception("applying the note of trial #%d failed", ref.number)
         return _result(ref, Outcome("error", f"saved; a running server applies it ({exc})",
                                     ref.trial_id), saved.version)
     return _result(ref, outcome, None if applier.dry_run else saved.version)
+
+
+def _one(storage: BaseStorage, applier: Applier, ref: TrialRef, note: Note,
+         command: Command | None, *, reason: str | None, user: str | None,
+         source: str) -> TrialResult:
+    saved = _edited(applier, ref, note, command, reason)
+    if isinstance(saved, Outcome):
+        return _result(ref, saved)
+    conflict = Outcome("conflict", "the note changed while we wrote it; nothing saved, run again",
+                       ref.trial_id)
+    if not applier.dry_run:
+        # As the note-save does: a refused user's note is remembered before it is saved, so no
+        # sweep applies it meanwhile.
+        applier.before_save(ref, saved, user=user)
+        if applier.saves_notes:
+            # As a note saved in the dashboard: one transaction with the change it forces.
+            done = applier.save(ref, saved, user=user, source=source)
+            if isinstance(done, Note):
+                return _result(ref, conflict)
+            if isinstance(done, Outcome):
+                return _result(ref, done, saved.version)
+        elif not dashboard.save_note(storage, ref.study_id, ref.trial_id, saved.version,
+                                     saved.body):
+            return _result(ref, conflict)
+    return _applied(applier, ref, saved, source=source, user=user)
 
 
 def with_command(body: str, word: str, reason: str | None) -> str:

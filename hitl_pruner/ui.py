@@ -41,6 +41,9 @@ through the same note-save path as one typed in the dashboard. It answers:
     newest cursor and ``changes`` is empty: a page starts from now. ``since`` must be one
     integer from 0 to 2**63 - 1 in plain form, else 400. It also lets this process's
     :class:`~hitl_pruner.live.AuditWatcher` look for changes made elsewhere.
+``POST /hitl/api/studies/<study_id>/bulk``
+    Prune, fail or undo many trials (by number, state or parameter range) in one request, each
+    through the note-save path with its own note version and audit row; see bulk.py.
 ``POST /hitl/api/actions/<id>/undo``
     Removes the command words from the trial's note and saves the next version through
     ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.
@@ -79,6 +82,9 @@ from typing import Iterator
 from urllib.parse import parse_qs
 from urllib.parse import quote
 
+from optuna.storages import BaseStorage
+
+from . import bulk
 from . import outage
 from .applier import Applier
 from .audit import AuditEntry
@@ -125,10 +131,11 @@ USER_MAX = 256  # hitl_audit.user_name
 CSV_CHUNK = 1000
 CSV_COLUMNS = (
     "id", "time", "study_id", "study_name", "trial_id", "trial_number", "from", "to",
-    "retroactive", "undo", "user", "source", "how", "note_version", "state_now",
+    "retroactive", "undo", "user", "source", "how", "note_version", "reason", "state_now",
 )
 # A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+BULK_PATH = re.compile(rf"^/hitl/api/studies/{ID}/bulk\Z")
 PLAIN_ID = re.compile(rf"{ID}\Z")
 # Records read per changes poll (of every study: the cursor is global); a page that is behind
 # by more asks again at once.
@@ -197,10 +204,13 @@ class UiMiddleware:
         applier: Applier,
         live: AuditWatcher,
         static_dir: Path = STATIC_DIR,
+        storage: BaseStorage | None = None,
     ) -> None:
         self.application = application
         self.applier = applier
         self.live = live
+        # What the bulk action reads trials from (None: no bulk action).
+        self.storage = storage
         self._static = _load_static(static_dir)
         self._bundles: dict[str, _Static] = {}
 
@@ -274,6 +284,11 @@ class UiMiddleware:
             if method != "POST":
                 return _not_allowed(start_response, "POST")
             return self._undo(environ, start_response, undo[0])
+        many = ids(BULK_PATH, path)
+        if many is not None:
+            if method != "POST":
+                return _not_allowed(start_response, "POST")
+            return self._bulk(environ, start_response, many[0])
         return _json(start_response, "404 Not Found", {"reason": f"no such page: {path}"})
 
     # -- the dashboard's page -------------------------------------------------------------
@@ -596,6 +611,20 @@ class UiMiddleware:
         }
         extra = [(OUTCOME_HEADER, outcome)] if outcome else []
         return _json(start_response, "200 OK", payload, extra)
+
+    def _bulk(
+        self, environ: WSGIEnvironment, start_response: StartResponse, study_id: int
+    ) -> Iterable[bytes]:
+        """Prune, fail or undo many trials, each as one note save (bulk.py)."""
+        if self.storage is None:
+            return _json(start_response, "501 Not Implemented",
+                         {"reason": "bulk actions need the storage (UiMiddleware(storage=...))"})
+        try:
+            payload = bulk.run(self.storage, self.applier, study_id, bulk.read_request(environ),
+                               user=environ.get("REMOTE_USER") or None)
+        except bulk.BulkError as exc:
+            return _json(start_response, exc.status, {"reason": exc.reason})
+        return _json(start_response, "200 OK", payload)
 
     def _save_note(
         self, environ: WSGIEnvironment, entry: AuditEntry, note: Note

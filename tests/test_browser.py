@@ -269,7 +269,8 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         toast = page.locator(".hitl-toast[data-action=applied]").last
         assert "Trial 0: COMPLETE \u2192 FAIL" in toast.inner_text()
         assert "retroactive relabel" in toast.inner_text()
-        page.get_by_text("Success to save the note").wait_for()  # the dashboard's own message
+        # The dashboard's own message (the button's save earlier showed one too).
+        page.get_by_text("Success to save the note").last.wait_for()
         assert state_of(url, ids[0]) is TrialState.FAIL
 
         # The actions view lists both, newest first, and undoes the relabel.

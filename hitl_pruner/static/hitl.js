@@ -276,7 +276,15 @@
     try {
       const note = NOTE_PATH.exec(path);
       const study = STUDY_PATH.exec(path);
-      if (note && method === "PUT" && answer.status === 204) {
+      if (note && method === "PUT" && editorSaves.has(Number(note[2]))) {
+        // A button's save through the dashboard's note editor (act): the button reads it.
+        // Its body is read now, before the dashboard reads (and so uses up) the answer.
+        const body = readJson().catch(() => ({}));
+        if (answer.status === 409) {
+          editorConflictAt = performance.now();
+        }
+        editorSaves.get(Number(note[2]))({ status: answer.status, answer, body });
+      } else if (note && method === "PUT" && answer.status === 204) {
         noteSaved(Number(note[1]), Number(note[2]), answer);
       } else if (answer.headers.has(OUTCOME_HEADER)) {
         // e.g. the dashboard's Fail Trial button, which hitl-pruner handles too.
@@ -463,39 +471,115 @@
     return trialInfo.get(key);
   };
 
-  const withCommand = (body, text) => {
+  // As script.with_command: the reason on the line before the command word, which stays last.
+  const withCommand = (body, text, reason) => {
     const kept = body.replace(/\s+$/, "");
-    return kept ? `${kept}\n\n${text}` : text;
+    const added = reason ? `${reason}\n${text}` : text;
+    return kept ? `${kept}\n\n${added}` : added;
   };
 
-  // Write the command into the trial's note, as the note editor would: the dashboard's note
-  // API, the stored version + 1, so a concurrent edit gets the dashboard's 409.
+  // trial_id -> resolve({status, answer, body}): a button waits for the dashboard's note
+  // save it started (answered() hands it over).
+  const editorSaves = new Map();
+  // When a button's save met a 409: the dashboard's editor then rejects a promise nobody
+  // catches (as it does for a typed save), after showing its own message; we show ours too,
+  // so that rejection is not reported again as an uncaught error.
+  let editorConflictAt = -Infinity;
+  window.addEventListener("unhandledrejection", (event) => {
+    const reason = event.reason;
+    const status = reason && reason.response && reason.response.status;
+    if (status === 409 && performance.now() - editorConflictAt < 5000) {
+      editorConflictAt = -Infinity;
+      event.preventDefault();
+    }
+  });
+
+  const soon = (find, ms = 3000) =>
+    new Promise((resolve, reject) => {
+      const start = performance.now();
+      const look = () => {
+        const found = find();
+        if (found) {
+          resolve(found);
+        } else if (performance.now() - start > ms) {
+          reject(new Error("the dashboard's note editor did not open"));
+        } else {
+          requestAnimationFrame(look);
+        }
+      };
+      look();
+    });
+
+  // The note box of the trial on view: the element after its "Note" heading.
+  const noteBox = (bar) => {
+    const heading = [...(bar.parentElement || document).querySelectorAll("h5")].find(
+      (h) => (h.textContent || "").trim() === "Note",
+    );
+    return heading ? heading.nextElementSibling : null;
+  };
+
+  // Save the note through the dashboard's own note editor, as a user would: the dashboard
+  // then holds the new note and its version (its editor reads both from its own copy of the
+  // trial, which it never fetches again for a finished trial), so the user's next edit is not
+  // met with a 409; a concurrent edit still gets the dashboard's conflict answer.
+  const saveInEditor = async (bar, trialId, edit) => {
+    const box = noteBox(bar);
+    if (!box) {
+      throw new Error("the trial's note is not on the page");
+    }
+    if (box.querySelector("textarea")) {
+      throw new Error("save or close the note you are editing first, then click again");
+    }
+    const pencil = box.querySelector("button");
+    if (!pencil) {
+      throw new Error("the note has no edit button");
+    }
+    pencil.click();
+    const textarea = await soon(() => box.querySelector("textarea"));
+    const setValue = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, "value").set;
+    setValue.call(textarea, edit(textarea.value));
+    // React reads the editor's text on "input" (its onChange), which marks it changed.
+    textarea.dispatchEvent(new Event("input", { bubbles: true }));
+    const save = await soon(() =>
+      [...box.querySelectorAll("button")].find(
+        (b) => (b.textContent || "").trim() === "Save" && !b.disabled,
+      ),
+    );
+    const answered = new Promise((resolve) => editorSaves.set(trialId, resolve));
+    try {
+      save.click();
+      return await answered;
+    } finally {
+      editorSaves.delete(trialId);
+    }
+  };
+
+  // Write the command (with the reason typed next to the buttons, if any) into the trial's
+  // note: through the dashboard's note editor, so its save is the dashboard's own, with the
+  // stored version + 1.
   const act = async (bar, studyId, trialId, command) => {
-    const buttons = bar.querySelectorAll("button");
+    const buttons = bar.querySelectorAll("button, input");
     buttons.forEach((b) => {
       b.disabled = true;
     });
+    const input = bar.querySelector("input.hitl-reason");
+    const reason = input ? input.value.replace(/\s+/g, " ").trim() : "";
     try {
       const info = await getTrialInfo(studyId, trialId, bar.dataset.state, true);
       const cmd = info.commands[command];
-      const note = { version: info.note.version + 1, body: withCommand(info.note.body, cmd.text) };
-      const res = await realFetch(`${PREFIX}/api/studies/${studyId}/${trialId}/note`, {
-        method: "PUT",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(note),
-      });
-      if (res.status === 204) {
-        noteSaved(studyId, trialId, res, info.number);
+      const saved = await saveInEditor(bar, trialId, (body) => withCommand(body, cmd.text, reason));
+      if (saved.status === 204) {
+        noteSaved(studyId, trialId, saved.answer, info.number);
         return;
       }
-      const data = await res.json().catch(() => ({}));
+      const data = await saved.body;
       toast({
         kind: "error",
         action: "failed",
-        title: `Failed: ${data.reason || `${res.status} ${res.statusText}`}`,
+        title: `Failed: ${data.reason || `${saved.status}`}`,
       });
     } catch (e) {
-      toast({ kind: "error", action: "failed", title: "Failed to save the note", detail: String(e) });
+      toast({ kind: "error", action: "failed", title: "Failed to save the note", detail: String(e.message || e) });
     } finally {
       buttons.forEach((b) => {
         b.disabled = false;
@@ -524,6 +608,15 @@
         label.textContent = "Human decision:";
         parts.push(label);
         const refused = new Set();
+        if (Object.values(info.commands).some((c) => c.allowed)) {
+          const reason = document.createElement("input");
+          reason.type = "text";
+          reason.className = "hitl-reason";
+          reason.maxLength = 500;
+          reason.placeholder = "reason (optional)";
+          reason.setAttribute("aria-label", "Reason, written into the note with the command");
+          parts.push(reason);
+        }
         for (const [command, cls] of [
           ["PRUNE", "hitl-btn-prune"],
           ["FAIL", "hitl-btn-fail"],
@@ -682,6 +775,262 @@
       }
     }
   };
+
+  /* -- bulk action: prune, fail or undo many trials of the study on view ------------------------ */
+
+  // A panel of our own (the dashboard's trial list is its React state, not ours to extend): a
+  // filter (trial numbers like "3 5 7-9", a state, a parameter range), a preview that is the
+  // server's dry run of exactly that request, and an Apply that needs a second click to confirm.
+  // POST /hitl/api/studies/<id>/bulk sends every trial through the note-save path (bulk.py).
+  const bulkEl = (tag, props, ...children) => {
+    const el = document.createElement(tag);
+    Object.assign(el, props || {});
+    el.append(...children);
+    return el;
+  };
+
+  const bulkField = (label, input) =>
+    bulkEl("label", { className: "hitl-bulk-field" }, bulkEl("span", {}, label), input);
+
+  // "3 5, 7-9" -> [3, 5, "7-9"]; throws with a message for anything else.
+  const bulkTrials = (text) =>
+    text
+      .split(/[\s,]+/)
+      .filter(Boolean)
+      .map((part) => {
+        if (/^\d+$/.test(part)) {
+          return Number(part);
+        }
+        if (/^\d+-\d+$/.test(part)) {
+          return part;
+        }
+        throw new Error(`"${part}" is not a trial number or a range like 7-9`);
+      });
+
+  const bulk = { studyId: null, panel: null, preview: null };
+
+  const bulkRequest = (form) => {
+    const body = { action: form.action.value };
+    const trials = bulkTrials(form.trials.value);
+    if (trials.length) {
+      body.trials = trials;
+    }
+    const filter = {};
+    if (form.state.value) {
+      filter.state = form.state.value;
+    }
+    if (form.param.value.trim()) {
+      const param = { name: form.param.value.trim() };
+      for (const key of ["min", "max"]) {
+        if (form[key].value.trim() !== "") {
+          param[key] = Number(form[key].value);
+        }
+      }
+      filter.param = param;
+    }
+    if (Object.keys(filter).length) {
+      body.filter = filter;
+    }
+    if (form.reason.value.trim() && body.action !== "undo") {
+      body.reason = form.reason.value.trim();
+    }
+    return body;
+  };
+
+  const bulkPost = async (studyId, body) => {
+    const res = await realFetch(`${PREFIX}/hitl/api/studies/${studyId}/bulk`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body),
+    });
+    const data = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      throw new Error(data.reason || `${res.status} ${res.statusText}`);
+    }
+    return data;
+  };
+
+  const bulkCounts = (counts) =>
+    Object.entries(counts)
+      .map(([action, n]) => `${n} ${action === "dry run" ? "would change" : action}`)
+      .join(", ") || "no trials";
+
+  const bulkShow = (panel, data) => {
+    const rows = data.results.map((r) => {
+      const tr = bulkEl("tr", {});
+      tr.dataset.action = r.action;
+      tr.append(
+        bulkEl("td", {}, `Trial ${r.number}`),
+        bulkEl("td", {}, r.from && r.to ? `${r.from} \u2192 ${r.to}` : "\u2014"),
+        bulkEl("td", { className: "hitl-bulk-outcome" }, r.action),
+        bulkEl("td", { className: "hitl-muted" }, r.reason),
+      );
+      return tr;
+    });
+    const table = panel.querySelector(".hitl-bulk-results");
+    table.replaceChildren(...rows);
+    table.hidden = rows.length === 0;
+    const summary = panel.querySelector(".hitl-bulk-summary");
+    summary.textContent = data.dry_run
+      ? `Preview (nothing changed yet): ${data.matched} trials match; ${bulkCounts(data.counts)}.`
+      : `Done: ${bulkCounts(data.counts)}.`;
+  };
+
+  const bulkApplyButton = (panel) => panel.querySelector(".hitl-bulk-apply");
+
+  const bulkReset = (panel) => {
+    bulk.preview = null;
+    const apply = bulkApplyButton(panel);
+    apply.disabled = true;
+    apply.dataset.confirm = "";
+    apply.textContent = "Apply";
+  };
+
+  const bulkSubmit = async (panel, dryRun) => {
+    const form = panel.querySelector("form");
+    const apply = bulkApplyButton(panel);
+    let body;
+    try {
+      body = bulkRequest(form.elements);
+    } catch (e) {
+      panel.querySelector(".hitl-bulk-summary").textContent = String(e.message || e);
+      return;
+    }
+    if (!dryRun) {
+      // Only what was previewed, and only after a second click that says how many.
+      if (JSON.stringify(body) !== JSON.stringify(bulk.preview && bulk.preview.body)) {
+        bulkReset(panel);
+        return;
+      }
+      if (apply.dataset.confirm !== "yes") {
+        apply.dataset.confirm = "yes";
+        apply.textContent = `Confirm: ${body.action} ${bulk.preview.willChange} trials`;
+        return;
+      }
+    }
+    panel.querySelectorAll("button").forEach((b) => {
+      b.disabled = true;
+    });
+    try {
+      const data = await bulkPost(bulk.studyId, { ...body, dry_run: dryRun });
+      bulkShow(panel, data);
+      if (dryRun) {
+        const willChange = data.results.filter((r) => r.action === "dry run").length;
+        bulkReset(panel);
+        bulk.preview = { body, willChange };
+        apply.disabled = willChange === 0;
+        apply.textContent = `Apply to ${willChange} trials`;
+      } else {
+        bulkReset(panel);
+        for (const r of data.results) {
+          forgetInfo(r.trial_id);
+          if (r.action === "applied" && LABELS[r.to]) {
+            overrides.set(r.trial_id, { studyId: bulk.studyId, number: r.number, state: LABELS[r.to] });
+          }
+        }
+        decorate();
+        toast({
+          kind: "success",
+          action: "bulk",
+          title: `${body.action}: ${bulkCounts(data.counts)}`,
+          links: [{ text: "Human actions", href: `${PREFIX}/hitl/actions?study=${bulk.studyId}` }],
+        });
+      }
+    } catch (e) {
+      bulkReset(panel);
+      panel.querySelector(".hitl-bulk-summary").textContent = `Refused: ${e.message || e}`;
+    } finally {
+      panel.querySelectorAll(".hitl-bulk-preview, .hitl-bulk-close").forEach((b) => {
+        b.disabled = false;
+      });
+    }
+  };
+
+  const bulkPanel = () => {
+    const select = (name, options) =>
+      bulkEl("select", { name }, ...options.map(([value, text]) => bulkEl("option", { value }, text)));
+    const input = (name, props) => bulkEl("input", { name, type: "text", ...props });
+    const form = bulkEl(
+      "form",
+      { className: "hitl-bulk-form" },
+      bulkField("Action", select("action", [["prune", "Prune"], ["fail", "Fail"], ["undo", "Undo"]])),
+      bulkField("Trials", input("trials", { placeholder: "3 5 7-9" })),
+      bulkField(
+        "State",
+        select("state", [["", "any"], ...Object.keys(LABELS).map((s) => [s, LABELS[s]])]),
+      ),
+      bulkField("Parameter", input("param", { placeholder: "name" })),
+      bulkField("from", input("min", { inputMode: "decimal", placeholder: "min" })),
+      bulkField("to", input("max", { inputMode: "decimal", placeholder: "max" })),
+      bulkField("Reason", input("reason", { placeholder: "optional, goes into each note", maxLength: 500 })),
+    );
+    const preview = bulkEl("button", { type: "button", className: "hitl-btn hitl-bulk-preview" }, "Preview");
+    const apply = bulkEl("button", { type: "button", className: "hitl-btn hitl-btn-prune hitl-bulk-apply", disabled: true }, "Apply");
+    const close = bulkEl("button", { type: "button", className: "hitl-btn hitl-bulk-close" }, "Close");
+    const panel = bulkEl(
+      "section",
+      { className: "hitl-bulk" },
+      bulkEl("h2", { className: "hitl-bulk-title" }, "Bulk action"),
+      form,
+      bulkEl("div", { className: "hitl-bulk-buttons" }, preview, apply, close),
+      bulkEl("div", { className: "hitl-bulk-summary", role: "status" }),
+      bulkEl("table", { className: "hitl-bulk-results", hidden: true }),
+    );
+    panel.setAttribute("aria-label", "Bulk action on trials");
+    panel.hidden = true;
+    form.addEventListener("input", () => bulkReset(panel));
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      bulkSubmit(panel, true);
+    });
+    preview.addEventListener("click", () => bulkSubmit(panel, true));
+    apply.addEventListener("click", () => bulkSubmit(panel, false));
+    close.addEventListener("click", () => {
+      panel.hidden = true;
+    });
+    return panel;
+  };
+
+  // The "Bulk action" button and its panel, on the pages of one study only.
+  const placeBulk = () => {
+    if (document.body.dataset.hitlPage === "actions") {
+      return;
+    }
+    const path = local(location.href);
+    const page = path && STUDY_PAGE.exec(path);
+    let opener = document.querySelector(".hitl-bulk-open");
+    if (!page) {
+      if (opener) {
+        opener.hidden = true;
+        bulk.panel.hidden = true;
+      }
+      return;
+    }
+    if (!opener) {
+      bulk.panel = bulkPanel();
+      opener = bulkEl("button", { type: "button", className: "hitl-btn hitl-bulk-open" }, "Bulk action");
+      opener.addEventListener("click", () => {
+        bulk.panel.hidden = !bulk.panel.hidden;
+        if (!bulk.panel.hidden) {
+          bulk.panel.querySelector("input[name=trials]").focus();
+        }
+      });
+      document.body.append(opener, bulk.panel);
+    }
+    opener.hidden = false;
+    const studyId = Number(page[1]);
+    if (bulk.studyId !== studyId) {
+      bulk.studyId = studyId;
+      bulkReset(bulk.panel);
+    }
+  };
+
+  if (document.body.dataset.hitlPage !== "actions") {
+    new MutationObserver(placeBulk).observe(document.body, { childList: true });
+    window.addEventListener("popstate", placeBulk);
+    setInterval(placeBulk, 1000); // the dashboard routes with pushState, which fires no event
+    placeBulk();
+  }
 
   /* -- the Human actions page ---------------------------------------------------------------- */
 
@@ -858,6 +1207,14 @@
         tagged(change, "undo", "a relabel undone: the command left the note");
       } else if (a.retroactive) {
         tagged(change, "relabel", "a finished trial relabelled (retroactive)");
+      }
+      if (a.reason) {
+        // The reason the note gave with its command (text, never markup).
+        const why = document.createElement("span");
+        why.className = "hitl-action-reason";
+        why.textContent = a.reason;
+        why.title = a.reason;
+        change.appendChild(why);
       }
       cell(tr, change, "hitl-change hitl-nowrap");
       cell(tr, a.state_now ? stateEl(a.state_now) : "\u2014");
