@@ -32,6 +32,14 @@ FAIL_BUTTON = "fail-button"
 # a note saved by `python -m hitl_pruner prune|fail|undo` or hitl_pruner.prune() (script.py).
 CLI = "cli"
 
+# A study-level row (a study stopped or resumed by STOP in its note; study_stop.py) has this
+# trial_id, and ``how`` says which. hitl_audit has no column for a study's action, and
+# trial_number means nothing on such a row: it holds the number of live workers told (their
+# heartbeats), so that old databases keep their schema.
+STUDY_ROW = -1
+STUDY_STOP = "study-stop"
+STUDY_RESUME = "study-resume"
+
 
 def actor(source: str, user: str | None, note_version: int | None = None) -> str:
     """Who asked for a change, in words: the user (if known) and the path it came by.
@@ -74,7 +82,25 @@ class AuditEntry:
     )
     id: int | None = None
 
+    @property
+    def study_level(self) -> bool:
+        """A study stopped or resumed, not a trial's change (see STUDY_ROW)."""
+        return self.trial_id == STUDY_ROW and self.how in (STUDY_STOP, STUDY_RESUME)
+
     def to_json(self) -> dict[str, Any]:
+        record = self.to_record()
+        if self.study_level:
+            # The same shape: no trial, the study's state from and to, and what was told.
+            stop = self.how == STUDY_STOP
+            record.update({
+                "trial_id": None, "trial_number": None,
+                "from": "RUNNING" if stop else "STOPPED", "to": "STOPPED" if stop else "RUNNING",
+                "action": "stop study" if stop else "resume study", "workers": self.trial_number,
+            })
+        return record
+
+    def to_record(self) -> dict[str, Any]:
+        """The stored form (journal.py keeps it as it is; to_json is for readers)."""
         return {
             "id": self.id,
             "time": self.at.isoformat(),
@@ -94,6 +120,13 @@ class AuditEntry:
 
     def describe(self) -> str:
         who = f" by {self.user}" if self.user else ""
+        if self.study_level:
+            verb = "stopped" if self.how == STUDY_STOP else "resumed"
+            note = f"note v{self.note_version}, " if self.note_version is not None else ""
+            return (
+                f"study {self.study_name!r} {verb}{who}, {self.trial_number} live worker(s) "
+                f"told, {note}via {self.source}"
+            )
         kind = " (undo)" if self.undo else " (retroactive)" if self.retroactive else ""
         # A relabel is always written by the server: only a running trial's end has a "how".
         how = "" if self.retroactive else f", {_HOW_TEXT.get(self.how, self.how)}"

@@ -80,6 +80,7 @@ from urllib.parse import parse_qs
 from urllib.parse import quote
 
 from . import outage
+from . import study_stop
 from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
@@ -129,6 +130,7 @@ CSV_COLUMNS = (
 )
 # A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+STOP_PATH = re.compile(rf"^/hitl/api/studies/{ID}/stop\Z")
 PLAIN_ID = re.compile(rf"{ID}\Z")
 # Records read per changes poll (of every study: the cursor is global); a page that is behind
 # by more asks again at once.
@@ -269,6 +271,9 @@ class UiMiddleware:
             if method != "GET":
                 return _not_allowed(start_response, "GET")
             return self._changes(environ, start_response, changes[0])
+        stop = ids(STOP_PATH, path)
+        if stop is not None:  # a study's Stop/Resume (study_stop.py)
+            return study_stop.endpoint(self, environ, start_response, stop[0])
         undo = ids(UNDO_PATH, path)
         if undo is not None:
             if method != "POST":
@@ -546,6 +551,8 @@ class UiMiddleware:
         applier = self.applier
         if entry.id is None:
             return "this storage keeps no action ids"
+        if entry.study_level:
+            return "a stop is undone in the study's note: remove STOP (or Resume study)"
         if entry.undo:
             return "this action is itself an undo"
         if not entry.retroactive:
