@@ -93,8 +93,10 @@ def says_stop(body: str) -> bool:
 
 def without_stop(body: str) -> str:
     """The note with every STOP command taken out (what Resume study saves)."""
-    stripped = STOP_PATTERN.sub("", body)
-    lines = [line.rstrip() for line in stripped.split("\n")]
+    lines = [
+        " ".join(STOP_PATTERN.sub("", line).split()) if says_stop(line) else line
+        for line in body.split("\n")
+    ]
     return "\n".join(lines).strip("\n")
 
 
