@@ -486,8 +486,10 @@ class StudyStops:
     def before_save(self, study_id: int, note: Note, user: str | None) -> None:
         """A save by a user who may not stop studies: mark its version decided first, so the
         sweep never applies it (the save itself goes on, as for a trial's note)."""
+        if self.applier.allowed_users is None or self.applier.dry_run:
+            return
         read = self._backend.read(study_id)
-        if read is None or self.refused(read.study_name, user) is None or self.applier.dry_run:
+        if read is None or self.refused(read.study_name, user) is None:
             return
         if says_stop(note.body) != (read.stop is not None):
             try:
@@ -610,7 +612,9 @@ def save_study_note(middleware: HitlMiddleware, environ: WSGIEnvironment,
         except Exception:
             logger.exception("applying the note of study id %d failed", study_id)
             outcome = {"action": "error", "reason": "retried by sweep"}
-        headers.append((OUTCOME_HEADER, json.dumps(outcome)))
+        # A note that has nothing to do with STOP is the dashboard's business alone: no header.
+        if says_stop(note.body) or outcome["action"] != "nothing to do":
+            headers.append((OUTCOME_HEADER, json.dumps(outcome)))
     start_response(captured["status"], headers, captured["exc_info"])
     return body
 

@@ -67,6 +67,8 @@ from processes import wait_for  # noqa: E402
 import hitl_pruner  # noqa: E402
 from hitl_pruner import study_stop  # noqa: E402
 from hitl_pruner.study_stop import STOP_ATTR  # noqa: E402
+from test_browser import browser  # noqa: E402,F401  (fixtures)
+from test_browser import pages  # noqa: E402,F401
 
 
 @contextlib.contextmanager
@@ -303,3 +305,58 @@ def test_a_study_note_save_keeps_the_dashboards_answers(sqlite_url: str) -> None
     assert stale.status == 409 and stale.json()["note"]["body"] == "x"
     assert call(app, "PUT", path, {"version": "2", "body": "STOP"}).status == 400
     assert not hitl_pruner.study_stopped(study)
+
+
+# --- in Chromium -----------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_stop_study_button_stops_the_study_and_the_banner_says_who(
+    sqlite_url: str, pages: Any, tmp_path: Path
+) -> None:
+    import os
+
+    from processes import gunicorn_server
+
+    from hitl_pruner.auth import hash_password
+
+    study = optuna.create_study(storage=sqlite_url, study_name="stop-in-chromium")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    sid = study._study_id
+    env = {"HITL_BASIC_AUTH": f"alice:{hash_password('pw')}"}
+    # Every page needs a login but /healthz: the readiness check asks that.
+    with gunicorn_server(sqlite_url, tmp_path, env=env, ready="none") as server:
+        wait_for(lambda: _healthy(server.base), timeout=30)
+        page, _ = pages.open(http_credentials={"username": "alice", "password": "pw"})
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{server.base}/dashboard/studies/{sid}")
+        stop = page.locator(".hitl-study-stop button[data-stop=true]")
+        stop.click()
+        banner = page.locator(".hitl-study-stop[data-stopped=true]")
+        banner.wait_for()
+        assert "Study stopped by alice" in banner.inner_text()
+        assert hitl_pruner.study_stopped(study)
+        assert attrs(study)[STOP_ATTR]["user"] == "alice"
+        assert study_stop.says_stop(attrs(study)["dashboard:note_str:0"])
+        # After a reload, the banner is back at once (it is the server's state, not the page's).
+        page.reload()
+        banner.wait_for()
+        page.mouse.move(1, 1)
+        shots = Path(os.environ.get("HITL_TEST_SCREENSHOTS") or tmp_path)
+        shots.mkdir(exist_ok=True)
+        page.screenshot(path=str(shots / "study-stop.png"))
+
+        page.locator(".hitl-study-stop button[data-stop=false]").click()
+        page.locator(".hitl-study-stop[data-stopped=false]").wait_for()
+        assert not hitl_pruner.study_stopped(study)
+        pages.finish()
+
+
+def _healthy(base: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
