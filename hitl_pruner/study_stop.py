@@ -84,6 +84,10 @@ DECIDED_ATTR = "hitl:stop:decided"
 STUDY_NOTE = "study note"
 STOP_WORD = "STOP"
 STOP_PATTERN = re.compile(standalone(STOP_WORD))
+# The least number of seconds between two looks for a stop in should_prune(), whatever the
+# pruner's check_interval: through the gRPC proxy or on a journal a look reads every system
+# attr of the study. The look at each trial's end (after_trial) is not throttled.
+STOP_CHECK_EVERY = 1.0
 
 
 def says_stop(body: str) -> bool:

@@ -64,6 +64,7 @@ from .rdb import requests_t
 from .rdb import workers_t
 from .requests import COOPERATIVE_ATTR
 from .requests import HEARTBEAT_EVERY
+from .study_stop import STOP_CHECK_EVERY
 from .study_stop import StopWatch
 from .study_stop import StudyStopped
 from .study_stop import read_stop
@@ -146,7 +147,7 @@ class HumanInTheLoopPruner(BasePruner):
         self._lock = threading.Lock()
         self._trials: collections.OrderedDict[int, _Seen] = collections.OrderedDict()
         # A human's STOP in the study's note: study.stop(), the current trial runs on.
-        self._stops = StopWatch(check_interval)
+        self._stops = StopWatch(max(check_interval, STOP_CHECK_EVERY))
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable like Optuna's own pruners; what was seen is not worth carrying.

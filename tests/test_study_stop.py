@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+import pickle
 import subprocess
 import sys
 import time
@@ -30,7 +31,12 @@ def worker_main(mode: str, url: str, study_name: str, n_trials: int) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = hitl_pruner.HumanInTheLoopPruner(optuna.pruners.NopPruner(), check_interval=0.1)
-    study = optuna.load_study(study_name=study_name, storage=url, pruner=pruner)
+    storage: Any = url
+    if url.startswith("grpc:"):
+        from test_grpc_proxy import open_spec
+
+        storage = open_spec(url)
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
     ran: list[int] = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -63,12 +69,12 @@ from helpers import call  # noqa: E402
 from optuna_dashboard import save_note  # noqa: E402
 from processes import child_env  # noqa: E402
 from processes import wait_for  # noqa: E402
+from test_browser import browser  # noqa: E402,F401  (fixtures)
+from test_browser import pages  # noqa: E402,F401
 
 import hitl_pruner  # noqa: E402
 from hitl_pruner import study_stop  # noqa: E402
 from hitl_pruner.study_stop import STOP_ATTR  # noqa: E402
-from test_browser import browser  # noqa: E402,F401  (fixtures)
-from test_browser import pages  # noqa: E402,F401
 
 
 @contextlib.contextmanager
@@ -162,6 +168,28 @@ def test_stop_ends_each_workers_optimize_after_its_trial_completes_and_resume_le
 
 
 @pytest.mark.e2e
+def test_a_worker_behind_the_grpc_proxy_stops_through_the_storage_api(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from test_grpc_proxy import grpc_proxy
+
+    study = optuna.create_study(storage=sqlite_url, study_name="proxied")
+    app = app_for(sqlite_url, interval=0.2)
+    with grpc_proxy(sqlite_url, tmp_path) as spec:
+        with workers("pruner", spec, "proxied", 1, 50, tmp_path) as procs:
+            wait_for(lambda: any(len(t.intermediate_values) > 3 for t in study.get_trials()),
+                     timeout=30)
+            r = note(app, study._study_id, "STOP")
+            # Its heartbeat is a study system attr (hitl:worker:*): it counts as told.
+            assert r.outcome is not None and r.outcome["workers"] == 1
+            count = len(study.get_trials())
+            result = finish(procs[0], 30)
+    trials = study.get_trials()
+    assert len(trials) == count and all(t.state == TrialState.COMPLETE for t in trials)
+    assert result["stopped"] and len(result["ran"]) == count
+
+
+@pytest.mark.e2e
 def test_a_stop_written_by_a_script_reaches_workers_whose_objective_never_asks_should_prune(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -241,15 +269,42 @@ def test_a_user_off_the_allow_list_cannot_stop_and_the_sweep_does_not_either(
 
 
 def test_ask_refuses_and_study_stopped_says_so_for_ask_and_tell_loops(sqlite_url: str) -> None:
-    study = optuna.create_study(storage=sqlite_url, study_name="s")
+    study = optuna.create_study(storage=sqlite_url, study_name="s",
+                                pruner=hitl_pruner.HumanInTheLoopPruner(check_interval=0))
     app = app_for(sqlite_url)
     assert not hitl_pruner.study_stopped(study)
-    hitl_pruner.ask(study)
+    trial = hitl_pruner.ask(study)
     note(app, study._study_id, "STOP")
     assert hitl_pruner.study_stopped(study)
     with pytest.raises(hitl_pruner.StudyStopped, match="alice"):
         hitl_pruner.ask(study)
-    assert len(study.get_trials()) == 1
+    # Outside study.optimize the pruner does not call study.stop() (which would raise there):
+    # the trial asked before goes on and is told as usual.
+    trial.report(1.0, 0)
+    assert not trial.should_prune()
+    hitl_pruner.tell(study, trial, 1.0)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_a_stop_after_a_trials_last_should_prune_still_keeps_the_next_trial_from_starting(
+) -> None:
+    """The pruner's first check arms a look at the end of every trial (the sampler's
+    after_trial): a stop made after a trial's last should_prune() is seen before the next."""
+    study = optuna.create_study(pruner=hitl_pruner.HumanInTheLoopPruner(check_interval=0))
+    stop = {"user": "x", "at": "now", "source": "test", "note_version": 1}
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.report(0.0, 0)
+        assert not trial.should_prune()
+        if trial.number == 2:  # after its last check, as a human's stop may come
+            study._storage.set_study_system_attr(study._study_id, STOP_ATTR, stop)
+        return 1.0
+
+    study.optimize(objective, n_trials=10)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3
+    # The wrapped sampler still pickles (without the study) and samples.
+    sampler = pickle.loads(pickle.dumps(study.sampler))
+    assert isinstance(sampler.sampler, optuna.samplers.TPESampler)
 
 
 def test_a_stop_on_a_journal_is_applied_by_the_sweep(tmp_path: Path) -> None:
@@ -312,7 +367,7 @@ def test_a_study_note_save_keeps_the_dashboards_answers(sqlite_url: str) -> None
 
 @pytest.mark.e2e
 def test_the_stop_study_button_stops_the_study_and_the_banner_says_who(
-    sqlite_url: str, pages: Any, tmp_path: Path
+    sqlite_url: str, pages: Any, tmp_path: Path  # noqa: F811  (the fixture)
 ) -> None:
     import os
 
