@@ -519,8 +519,7 @@ class StudyStops:
         verb = "stop" if wanted else "resume"
         refused = self.refused(read.study_name, user)
         if refused is not None:
-            if source == SWEEP:
-                # Only --study reaches here: a note with no user is nobody's to refuse.
+            if not self.applier.monitors(read.study_name):
                 return {**out, "action": "not monitored", "reason": refused}
             self._decide(study_id, read, note.version, wanted)
             logger.warning("refused to %s study %r: %s", verb, read.study_name, refused)

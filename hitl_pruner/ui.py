@@ -41,6 +41,10 @@ through the same note-save path as one typed in the dashboard. It answers:
     newest cursor and ``changes`` is empty: a page starts from now. ``since`` must be one
     integer from 0 to 2**63 - 1 in plain form, else 400. It also lets this process's
     :class:`~hitl_pruner.live.AuditWatcher` look for changes made elsewhere.
+``GET|POST /hitl/api/studies/<study_id>/stop``
+    Whether a human stopped the study (STOP in its note), by whom and when; a POST of
+    ``{"stop": true|false}`` writes STOP into the study's note or takes it out, through the
+    dashboard's study note API (study_stop.py ``endpoint``).
 ``POST /hitl/api/actions/<id>/undo``
     Removes the command words from the trial's note and saves the next version through
     ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.

@@ -415,3 +415,13 @@ def _healthy(base: str) -> bool:
             return bool(answer.status == 200)
     except OSError:
         return False
+
+
+def test_a_study_outside_study_is_not_stopped(sqlite_url: str) -> None:
+    study = optuna.create_study(storage=sqlite_url, study_name="other")
+    app = app_for(sqlite_url, studies=("watched",))
+    r = note(app, study._study_id, "STOP")
+    assert r.status == 204 and r.outcome is not None
+    assert r.outcome["action"] == "not monitored"
+    app.sweeper.run_once()
+    assert not hitl_pruner.study_stopped(study)
