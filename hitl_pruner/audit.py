@@ -33,12 +33,12 @@ FAIL_BUTTON = "fail-button"
 CLI = "cli"
 
 # A study-level row (a study stopped or resumed by STOP in its note; study_stop.py) has this
-# trial_id, and ``how`` says which. hitl_audit has no column for a study's action, and
-# trial_number means nothing on such a row: it holds the number of live workers told (their
-# heartbeats), so that old databases keep their schema.
+# trial_id and trial_number, and ``how`` says which and how many live workers were told
+# (their heartbeats): "stop:3", "resume:0". hitl_audit has no column for a study's action, so
+# existing databases keep their schema.
 STUDY_ROW = -1
-STUDY_STOP = "study-stop"
-STUDY_RESUME = "study-resume"
+STUDY_STOP = "stop"
+STUDY_RESUME = "resume"
 
 
 def actor(source: str, user: str | None, note_version: int | None = None) -> str:
@@ -85,17 +85,24 @@ class AuditEntry:
     @property
     def study_level(self) -> bool:
         """A study stopped or resumed, not a trial's change (see STUDY_ROW)."""
-        return self.trial_id == STUDY_ROW and self.how in (STUDY_STOP, STUDY_RESUME)
+        return self.trial_id == STUDY_ROW and self.how.split(":")[0] in (STUDY_STOP, STUDY_RESUME)
+
+    @property
+    def workers(self) -> int | None:
+        """On a study-level row, how many live workers were told."""
+        kind, _, count = self.how.partition(":")
+        return int(count) if self.study_level and count.isdigit() else None
 
     def to_json(self) -> dict[str, Any]:
         record = self.to_record()
         if self.study_level:
             # The same shape: no trial, the study's state from and to, and what was told.
-            stop = self.how == STUDY_STOP
+            stop = self.how.startswith(STUDY_STOP)
             record.update({
                 "trial_id": None, "trial_number": None,
                 "from": "RUNNING" if stop else "STOPPED", "to": "STOPPED" if stop else "RUNNING",
-                "action": "stop study" if stop else "resume study", "workers": self.trial_number,
+                "how": STUDY_STOP if stop else STUDY_RESUME,
+                "action": "stop study" if stop else "resume study", "workers": self.workers,
             })
         return record
 
@@ -121,10 +128,10 @@ class AuditEntry:
     def describe(self) -> str:
         who = f" by {self.user}" if self.user else ""
         if self.study_level:
-            verb = "stopped" if self.how == STUDY_STOP else "resumed"
+            verb = "stopped" if self.how.startswith(STUDY_STOP) else "resumed"
             note = f"note v{self.note_version}, " if self.note_version is not None else ""
             return (
-                f"study {self.study_name!r} {verb}{who}, {self.trial_number} live worker(s) "
+                f"study {self.study_name!r} {verb}{who}, {self.workers} live worker(s) "
                 f"told, {note}via {self.source}"
             )
         kind = " (undo)" if self.undo else " (retroactive)" if self.retroactive else ""

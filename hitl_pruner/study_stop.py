@@ -537,9 +537,9 @@ class StudyStops:
         stop = Stop(user, now.isoformat(), source, note.version) if wanted else None
         entry = AuditEntry(
             study_id=study_id, study_name=read.study_name, trial_id=STUDY_ROW,
-            trial_number=workers, from_state=TrialState.RUNNING, to_state=TrialState.RUNNING,
+            trial_number=STUDY_ROW, from_state=TrialState.RUNNING, to_state=TrialState.RUNNING,
             note_version=note.version, user=user, source=source, retroactive=False,
-            undo=not wanted, how=STUDY_STOP if wanted else STUDY_RESUME, at=now,
+            undo=not wanted, how=f"{STUDY_STOP if wanted else STUDY_RESUME}:{workers}", at=now,
         )
         try:
             self._backend.write(study_id, read, stop, (note.version, wanted), entry)
@@ -547,6 +547,13 @@ class StudyStops:
             return {**out, "action": "lost race",
                     "reason": "the study was stopped or resumed meanwhile"}
         logger.info("%s", entry.describe())
+        try:
+            # As every audit row the applier writes: --notify-url hears of it (notify.py).
+            # (Its other listener, the dashboard's trial cache, finds no trial -1 and reads
+            # the study afresh, once.)
+            self.applier._on_change(study_id, [entry])
+        except Exception:
+            logger.exception("telling of the stop of study %r failed", read.study_name)
         return {"study_id": study_id, "stopped": wanted, "action": "applied",
                 "reason": f"STOP {'in' if wanted else 'removed from'} the study note",
                 "workers": workers}

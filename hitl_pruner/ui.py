@@ -415,7 +415,8 @@ class UiMiddleware:
                     "undoable": refused is None,
                     "undo_refused": refused,
                     "study_url": study_url,
-                    "trial_url": f"{study_url}/trials?numbers={entry.trial_number}",
+                    "trial_url": study_url if entry.study_level
+                    else f"{study_url}/trials?numbers={entry.trial_number}",
                 }
             )
         return actions

@@ -163,7 +163,7 @@ def test_stop_ends_each_workers_optimize_after_its_trial_completes_and_resume_le
     assert len(again["ran"]) == 1 and not again["stopped"]
     rows = [r for r in audit_rows(url) if r.trial_id == -1]
     assert [(r.how, r.user_name, r.trial_number, r.is_undo) for r in rows] == [
-        ("study-stop", "alice", 2, False), ("study-resume", "alice", 0, True)
+        ("stop:2", "alice", -1, False), ("resume:0", "alice", -1, True)
     ]
 
 
@@ -252,6 +252,16 @@ def test_stop_and_resume_are_audited_and_listed_as_study_actions(sqlite_url: str
         ("stop study", "RUNNING", "STOPPED", "bob", 0, None, False),
     ]
     assert "STOP" in actions[0]["undo_refused"]
+    assert actions[0]["trial_url"] == actions[0]["study_url"]
+    # A trial filter never lists them; --notify-url says what happened in words.
+    query = {"QUERY_STRING": f"study={study._study_id}&trial=0"}
+    assert call(app, "GET", "/hitl/api/actions", environ=query).json()["actions"] == []
+    from hitl_pruner.notify import message
+
+    entry = app.applier.store.audit(1)[0]
+    assert message(entry)["text"] == (
+        "hitl-pruner: study 's' resumed by alice, 0 live worker(s) told, note v3, via note-save"
+    )
 
 
 def test_a_user_off_the_allow_list_cannot_stop_and_the_sweep_does_not_either(

@@ -842,7 +842,7 @@
       cell(tr, study, "hitl-clip hitl-study");
       const link = document.createElement("a");
       link.href = a.trial_url;
-      link.textContent = `Trial ${a.trial_number}`;
+      link.textContent = a.trial_number === null ? a.action : `Trial ${a.trial_number}`;
       link.title = `trial_id=${a.trial_id}`;
       cell(tr, link, "hitl-nowrap");
       const change = document.createElement("span");
