@@ -414,6 +414,16 @@ def test_the_stop_study_button_stops_the_study_and_the_banner_says_who(
         page.locator(".hitl-study-stop button[data-stop=false]").click()
         page.locator(".hitl-study-stop[data-stopped=false]").wait_for()
         assert not hitl_pruner.study_stopped(study)
+
+        # The Human actions view lists both, in the trial's column, linked to the study.
+        page.goto(f"{server.base}/hitl/actions")
+        page.wait_for_function("document.body.dataset.loaded === 'true'")
+        rows = page.locator("#hitl-actions tr")
+        assert rows.count() == 2
+        assert "resume study" in rows.nth(0).inner_text()
+        assert "stop study" in rows.nth(1).inner_text()
+        assert "RUNNING" in rows.nth(1).inner_text() and "STOPPED" in rows.nth(1).inner_text()
+        page.screenshot(path=str(tmp_path / "study-stop-actions.png"))
         pages.finish()
 
 
