@@ -10,6 +10,9 @@ from .script import UsageError
 from .script import fail
 from .script import prune
 from .script import undo
+from .study_stop import StudyStopped
+from .study_stop import stop_if_asked
+from .study_stop import study_stopped
 from .worker import HumanInTheLoopPruner
 from .worker import ask
 from .worker import requested_state
@@ -21,6 +24,7 @@ __all__ = [
     "HitlMiddleware",
     "HumanInTheLoopPruner",
     "Settings",
+    "StudyStopped",
     "TrialResult",
     "UsageError",
     "ask",
@@ -28,6 +32,8 @@ __all__ = [
     "fail",
     "prune",
     "requested_state",
+    "stop_if_asked",
+    "study_stopped",
     "tell",
     "undo",
     "wsgi",

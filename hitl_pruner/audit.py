@@ -34,6 +34,14 @@ CLI = "cli"
 # a note saved by the dashboard's bulk action (POST /hitl/api/studies/<id>/bulk, bulk.py).
 BULK = "bulk"
 
+# A study-level row (a study stopped or resumed by STOP in its note; study_stop.py) has this
+# trial_id and trial_number, and ``how`` says which and how many live workers were told
+# (their heartbeats): "stop:3", "resume:0". hitl_audit has no column for a study's action, so
+# existing databases keep their schema.
+STUDY_ROW = -1
+STUDY_STOP = "stop"
+STUDY_RESUME = "resume"
+
 
 def actor(source: str, user: str | None, note_version: int | None = None) -> str:
     """Who asked for a change, in words: the user (if known) and the path it came by.
@@ -80,7 +88,32 @@ class AuditEntry:
     )
     id: int | None = None
 
+    @property
+    def study_level(self) -> bool:
+        """A study stopped or resumed, not a trial's change (see STUDY_ROW)."""
+        return self.trial_id == STUDY_ROW and self.how.split(":")[0] in (STUDY_STOP, STUDY_RESUME)
+
+    @property
+    def workers(self) -> int | None:
+        """On a study-level row, how many live workers were told."""
+        kind, _, count = self.how.partition(":")
+        return int(count) if self.study_level and count.isdigit() else None
+
     def to_json(self) -> dict[str, Any]:
+        record = self.to_record()
+        if self.study_level:
+            # The same shape: no trial, the study's state from and to, and what was told.
+            stop = self.how.startswith(STUDY_STOP)
+            record.update({
+                "trial_id": None, "trial_number": None,
+                "from": "RUNNING" if stop else "STOPPED", "to": "STOPPED" if stop else "RUNNING",
+                "how": STUDY_STOP if stop else STUDY_RESUME,
+                "action": "stop study" if stop else "resume study", "workers": self.workers,
+            })
+        return record
+
+    def to_record(self) -> dict[str, Any]:
+        """The stored form (journal.py keeps it as it is; to_json is for readers)."""
         return {
             "id": self.id,
             "time": self.at.isoformat(),
@@ -101,6 +134,13 @@ class AuditEntry:
 
     def describe(self) -> str:
         who = f" by {self.user}" if self.user else ""
+        if self.study_level:
+            verb = "stopped" if self.how.startswith(STUDY_STOP) else "resumed"
+            note = f"note v{self.note_version}, " if self.note_version is not None else ""
+            return (
+                f"study {self.study_name!r} {verb}{who}, {self.workers} live worker(s) "
+                f"told, {note}via {self.source}"
+            )
         kind = " (undo)" if self.undo else " (retroactive)" if self.retroactive else ""
         # A relabel is always written by the server: only a running trial's end has a "how".
         how = "" if self.retroactive else f", {_HOW_TEXT.get(self.how, self.how)}"

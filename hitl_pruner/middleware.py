@@ -28,6 +28,9 @@ from .routes import mutating_route
 from .store import Note
 from .store import Store
 from .store import TrialRef
+from .study_stop import STUDY_NOTE
+from .study_stop import StudyStops
+from .study_stop import save_study_note
 from .sweep import Sweeper
 
 if TYPE_CHECKING:
@@ -102,6 +105,8 @@ class HitlMiddleware:
         self._pid: int | None = None
         self._lock = threading.Lock()
         self.health = health
+        # STOP in a study's note (study_stop.py).
+        self.stops = StudyStops(applier)
 
     def __getattr__(self, name: str) -> Any:
         # The dashboard's attributes (a bottle.Bottle: route, _inmemory_cache ...) through us.
@@ -131,6 +136,8 @@ class HitlMiddleware:
             return self._save_note(environ, start_response, ids[0], ids[1])
         if name == TELL:
             return self._tell(environ, start_response, ids[0])
+        if name == STUDY_NOTE:
+            return save_study_note(self, environ, start_response, ids[0])
         return self.app(environ, start_response)
 
     def start_background(self) -> None:

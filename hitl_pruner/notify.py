@@ -90,6 +90,9 @@ def _slack_escape(text: str) -> str:
 def message(entry: AuditEntry) -> dict[str, object]:
     """The JSON body for one audit row: Slack's ``text``, and the row itself."""
     who = actor(entry.source, entry.user, entry.note_version)
+    if entry.study_level:  # a study stopped or resumed (study_stop.py)
+        return {"text": _slack_escape(f"hitl-pruner: {entry.describe()}"),
+                "hitl_pruner": entry.to_json()}
     kind = " (undo)" if entry.undo else " (retroactive relabel)" if entry.retroactive else ""
     text = (
         f"hitl-pruner: study {entry.study_name!r} trial #{entry.trial_number}: "

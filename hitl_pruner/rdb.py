@@ -172,6 +172,13 @@ COUNTER_TRIGGER = "hitl_note_counted"
 NOTE_WRITES = "note_writes"
 # A LIKE pattern for trial note keys; it does not match the study's own note ("dashboard:note_*").
 NOTE_LIKE = "dashboard:%:note_%"
+# The study's own note ("dashboard:note_ver", "dashboard:note_str:<i>"), for STOP
+# (study_stop.py): queued by triggers of their own, so that the trial-note triggers of existing
+# databases stay as they are and these are added at the next start. Their queue rows name no
+# trial (store.Change.trial_id -1); the sweep hands their studies to study_stop.
+STUDY_NOTE_TRIGGER = "hitl_study_note_changed"
+STUDY_NOTE_COUNTER = "hitl_study_note_counted"
+STUDY_NOTE_LIKE = "dashboard:note_%"
 # Most notes fit in one chunk of 2045 characters: the first query asks for two (so that only a
 # longer note costs another round trip, for more at a time), and no more, as every key asked
 # for is a bound parameter (a sweep of 1,000 notes asks for 3,000 keys).
@@ -214,6 +221,49 @@ def _pg_function(name: str) -> str:
 
 
 def _trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
+    """(trigger name, statements creating it) per dialect: trial notes, then the study note."""
+    return _trial_note_trigger_ddl(dialect) + _study_note_trigger_ddl(dialect)
+
+
+def _study_note_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
+    """The study note's keys into the same queue, waking the sweep as a trial note's do."""
+    insert = "INSERT INTO hitl_note_changes (study_id, attr_key) VALUES (NEW.study_id, NEW.{k})"
+    events = ("INSERT", "UPDATE")
+    if dialect == "sqlite":
+        return [
+            (f"{STUDY_NOTE_TRIGGER}_{e.lower()}", [
+                f"CREATE TRIGGER IF NOT EXISTS {STUDY_NOTE_TRIGGER}_{e.lower()} AFTER {e} ON "
+                f"study_system_attributes WHEN NEW.key LIKE '{STUDY_NOTE_LIKE}' "
+                f"BEGIN {insert.format(k='key')}; END"
+            ]) for e in events
+        ] + [
+            (f"{STUDY_NOTE_COUNTER}_{e.lower()}", [
+                f"CREATE TRIGGER IF NOT EXISTS {STUDY_NOTE_COUNTER}_{e.lower()} AFTER {e} ON "
+                f"study_system_attributes WHEN NEW.key LIKE '{STUDY_NOTE_LIKE}' "
+                "BEGIN UPDATE hitl_meta SET value = CAST(value AS INTEGER) + 1 "
+                f"WHERE name = '{NOTE_WRITES}'; END"
+            ]) for e in events
+        ]
+    if dialect == "postgresql":
+        # The trial notes' function: it queues NEW.key and notifies, whatever the key.
+        return [(STUDY_NOTE_TRIGGER, [
+            f"CREATE TRIGGER {STUDY_NOTE_TRIGGER} AFTER INSERT OR UPDATE ON "
+            f"study_system_attributes FOR EACH ROW WHEN (NEW.key LIKE '{STUDY_NOTE_LIKE}') "
+            f"EXECUTE PROCEDURE {TRIGGER}()",
+        ])]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            (f"{STUDY_NOTE_TRIGGER}_{e.lower()}", [
+                f"CREATE TRIGGER {STUDY_NOTE_TRIGGER}_{e.lower()} AFTER {e} "
+                "ON study_system_attributes FOR EACH ROW "
+                f"BEGIN IF NEW.`key` LIKE '{STUDY_NOTE_LIKE}' THEN {insert.format(k='`key`')}; "
+                "END IF; END"
+            ]) for e in events
+        ]
+    raise InstallError(f"unsupported database dialect {dialect!r}")
+
+
+def _trial_note_trigger_ddl(dialect: str) -> list[tuple[str, list[str]]]:
     """(trigger name, statements creating it) per dialect."""
     insert = (
         "INSERT INTO hitl_note_changes (study_id, attr_key) VALUES (NEW.study_id, NEW.{key})"

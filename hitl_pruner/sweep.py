@@ -20,6 +20,7 @@ from .store import Change
 from .store import Note
 from .store import Store
 from .store import TrialRef
+from .study_stop import StudyStops
 from .transitions import ACTIVE
 from .wake import Watch
 
@@ -94,6 +95,8 @@ class Sweeper:
         self.state = state if state is not None else outage.DatabaseState()
         self.ping = ping
         self.watch = watch
+        # STOP in a study's note, written any other way than through our note-save.
+        self.stops = StudyStops(applier)
         self.last_run: float | None = None
         # When the loop last went round (swept, or tried for the lock), and its failures since.
         self.last_tick: float | None = None
@@ -125,12 +128,14 @@ class Sweeper:
                 after = changes[-1].id
             stats.changes += len(changes)
             done = self._apply(changes, stats)
+            stats.applied += self.stops.sweep(changes, full=False)
             if self.applier.dry_run:
                 break
             self.store.ack(done)
             if len(changes) < BATCH:
                 break
         if settle:
+            stats.applied += self.stops.sweep([], full=True)  # a store without a queue
             self._settle(study_ids, stats)
         stats.seconds = time.perf_counter() - started
         self.last_run = time.time()
@@ -253,6 +258,8 @@ class Sweeper:
                         logger.info("first start: not applied: %s (%s applies it)",
                                     planned.line(), _FLAG)
             done = {c.id for c in self._apply(run, stats)}
+            # A study's note written since our triggers exist (bootstrap queues none).
+            stats.applied += self.stops.sweep(changes, full=False)
             if not self.applier.dry_run:
                 existing.hold(held[first:])
                 # The held notes move to hitl_meta. Left queued: a running trial's note the

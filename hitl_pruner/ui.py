@@ -44,6 +44,10 @@ through the same note-save path as one typed in the dashboard. It answers:
 ``POST /hitl/api/studies/<study_id>/bulk``
     Prune, fail or undo many trials (by number, state or parameter range) in one request, each
     through the note-save path with its own note version and audit row; see bulk.py.
+``GET|POST /hitl/api/studies/<study_id>/stop``
+    Whether a human stopped the study (STOP in its note), by whom and when; a POST of
+    ``{"stop": true|false}`` writes STOP into the study's note or takes it out, through the
+    dashboard's study note API (study_stop.py ``endpoint``).
 ``POST /hitl/api/actions/<id>/undo``
     Removes the command words from the trial's note and saves the next version through
     ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.
@@ -86,6 +90,7 @@ from optuna.storages import BaseStorage
 
 from . import bulk
 from . import outage
+from . import study_stop
 from .applier import Applier
 from .audit import AuditEntry
 from .commands import Command
@@ -136,6 +141,7 @@ CSV_COLUMNS = (
 # A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 BULK_PATH = re.compile(rf"^/hitl/api/studies/{ID}/bulk\Z")
+STOP_PATH = re.compile(rf"^/hitl/api/studies/{ID}/stop\Z")
 PLAIN_ID = re.compile(rf"{ID}\Z")
 # Records read per changes poll (of every study: the cursor is global); a page that is behind
 # by more asks again at once.
@@ -279,6 +285,9 @@ class UiMiddleware:
             if method != "GET":
                 return _not_allowed(start_response, "GET")
             return self._changes(environ, start_response, changes[0])
+        stop = ids(STOP_PATH, path)
+        if stop is not None:  # a study's Stop/Resume (study_stop.py)
+            return study_stop.endpoint(self, environ, start_response, stop[0])
         undo = ids(UNDO_PATH, path)
         if undo is not None:
             if method != "POST":
@@ -421,7 +430,8 @@ class UiMiddleware:
                     "undoable": refused is None,
                     "undo_refused": refused,
                     "study_url": study_url,
-                    "trial_url": f"{study_url}/trials?numbers={entry.trial_number}",
+                    "trial_url": study_url if entry.study_level
+                    else f"{study_url}/trials?numbers={entry.trial_number}",
                 }
             )
         return actions
@@ -561,6 +571,8 @@ class UiMiddleware:
         applier = self.applier
         if entry.id is None:
             return "this storage keeps no action ids"
+        if entry.study_level:
+            return "a stop is undone in the study's note: remove STOP (or Resume study)"
         if entry.undo:
             return "this action is itself an undo"
         if not entry.retroactive:

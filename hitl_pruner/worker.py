@@ -64,6 +64,10 @@ from .rdb import requests_t
 from .rdb import workers_t
 from .requests import COOPERATIVE_ATTR
 from .requests import HEARTBEAT_EVERY
+from .study_stop import STOP_CHECK_EVERY
+from .study_stop import StopWatch
+from .study_stop import StudyStopped
+from .study_stop import read_stop
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +146,8 @@ class HumanInTheLoopPruner(BasePruner):
         self.check_interval = check_interval
         self._lock = threading.Lock()
         self._trials: collections.OrderedDict[int, _Seen] = collections.OrderedDict()
+        # A human's STOP in the study's note: study.stop(), the current trial runs on.
+        self._stops = StopWatch(max(check_interval, STOP_CHECK_EVERY))
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable like Optuna's own pruners; what was seen is not worth carrying.
@@ -151,6 +157,7 @@ class HumanInTheLoopPruner(BasePruner):
         self.__init__(state["wrapped"], check_interval=state["check_interval"])  # type: ignore[misc]
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        self._stops.check(study)
         if self.wrapped.prune(study, trial):
             return True
         channel = _channel(study)
@@ -211,7 +218,18 @@ def ask(study: optuna.Study, fixed_distributions: dict[str, Any] | None = None) 
 
     (Inside ``study.optimize`` Optuna calls a pruner only from ``should_prune()``, so there a
     trial is marked on its first ``should_prune()``.)
+
+    Raises :class:`hitl_pruner.StudyStopped`, creating no trial, once a human stopped the
+    study (STOP in its note); the trials asked before are told as usual. Loops that would
+    rather not catch it ask ``hitl_pruner.study_stopped(study)`` first.
     """
+    stop = read_stop(study._storage, study._study_id)
+    if stop is not None:
+        who = f" by {stop.user}" if stop.user else ""
+        raise StudyStopped(
+            f"study {study.study_name!r} was stopped{who} at {stop.at} (STOP in its note): "
+            "no new trial; remove STOP from the note to go on"
+        )
     channel = _channel(study)
     # The heartbeat first: until the mark below is written, it is the evidence that a human's
     # request for the new trial is to be asked of this worker, not forced on it.

@@ -1191,7 +1191,7 @@
       cell(tr, study, "hitl-clip hitl-study");
       const link = document.createElement("a");
       link.href = a.trial_url;
-      link.textContent = `Trial ${a.trial_number}`;
+      link.textContent = a.trial_number === null ? a.action : `Trial ${a.trial_number}`;
       link.title = `trial_id=${a.trial_id}`;
       cell(tr, link, "hitl-nowrap");
       const change = document.createElement("span");
@@ -1369,4 +1369,121 @@
   decorate();
   // Now, before the dashboard's first fetch of the study: what changes after it is polled for.
   liveLoop();
+})();
+
+/* Stop a study (study_stop.py): on a study's pages, a "Stop study" button, and while the study
+   is stopped a banner saying who stopped it and when, with "Resume study". A click posts to
+   /hitl/api/studies/<id>/stop, which writes STOP into the study's note (or takes it out)
+   through the dashboard's study note API on the server, the path of a typed note. Self-contained:
+   it shares nothing with the code above but the page. Text from the server is set as text. */
+(() => {
+  "use strict";
+
+  if (document.body && document.body.dataset.hitlPage === "actions") {
+    return;
+  }
+  const SCRIPT = document.currentScript;
+  const PREFIX = SCRIPT
+    ? new URL(SCRIPT.src, location.href).pathname.replace(/\/hitl\/static\/hitl\.js$/, "")
+    : "";
+  const STUDY_PAGE = /^\/dashboard\/studies\/(\d+)(?:\/|$)/;
+  const EVERY_MS = 1000;
+
+  const studyId = () => {
+    const u = new URL(location.href);
+    if (!u.pathname.startsWith(PREFIX)) {
+      return null;
+    }
+    const m = STUDY_PAGE.exec(u.pathname.slice(PREFIX.length));
+    return m ? Number(m[1]) : null;
+  };
+
+  let box = null;
+  let busy = false;
+  const render = (state) => {
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "hitl-study-stop";
+      box.setAttribute("role", "status");
+      document.body.appendChild(box);
+    }
+    box.dataset.stopped = String(state.stopped);
+    const text = document.createElement("span");
+    text.className = "hitl-study-stop-text";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "hitl-btn hitl-study-stop-btn";
+    button.disabled = busy;
+    if (state.stopped) {
+      const s = state.stop || {};
+      const at = s.at ? new Date(s.at).toLocaleString() : "";
+      const who = s.user ? ` by ${s.user}` : "";
+      text.textContent = `Study stopped${who}${at ? ` at ${at}` : ""}: workers start no new trial.`;
+      text.title = `STOP in the study's note (v${s.note_version}), via ${s.source}`;
+      button.textContent = "Resume study";
+      button.dataset.stop = "false";
+    } else {
+      text.textContent = "";
+      button.textContent = "Stop study";
+      button.dataset.stop = "true";
+      button.title = "Write STOP into the study's note: workers finish their current trials " +
+        "and start no new one";
+    }
+    button.addEventListener("click", () => click(state.study_id, !state.stopped));
+    box.replaceChildren(...(state.stopped ? [text, button] : [button]));
+    box.hidden = false;
+  };
+
+  const click = async (id, stop) => {
+    if (stop && !window.confirm("Stop this study? Its workers finish their current trials and start no new one.")) {
+      return;
+    }
+    busy = true;
+    try {
+      const res = await fetch(`${PREFIX}/hitl/api/studies/${id}/stop`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ stop }),
+      });
+      const data = await res.json().catch(() => ({}));
+      const outcome = data.outcome || {};
+      if (!res.ok || outcome.action === "refused") {
+        const reason = outcome.reason || data.reason || `${res.status} ${res.statusText}`;
+        window.alert(`${stop ? "Stop" : "Resume"} study: ${reason}`);
+      }
+    } finally {
+      busy = false;
+      await poll();
+    }
+  };
+
+  const poll = async () => {
+    const id = studyId();
+    if (id === null) {
+      if (box) {
+        box.hidden = true;
+      }
+      return;
+    }
+    if (document.visibilityState !== "visible") {
+      return;
+    }
+    const res = await fetch(`${PREFIX}/hitl/api/studies/${id}/stop`, {
+      headers: { Accept: "application/json" },
+      cache: "no-store",
+    });
+    if (res.ok && studyId() === id) {
+      render(await res.json());
+    }
+  };
+
+  const loop = async () => {
+    try {
+      await poll();
+    } catch (e) {
+      // The server is away: the dashboard says so; look again later.
+    }
+    setTimeout(loop, EVERY_MS);
+  };
+  loop();
 })();
