@@ -1,7 +1,8 @@
 """A demo study for newcomers: finished trials to relabel and running trials to prune.
 
 ``python -m hitl_pruner serve --demo`` seeds the study and runs ``main`` in a child process, a
-slow ask-and-tell worker that keeps two trials RUNNING and moves on when a human ends one.
+slow ask-and-tell worker that keeps two trials RUNNING and moves on when a human ends one, and
+starts none while a human has the study stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from optuna_dashboard import save_note
+
+from .study_stop import study_stopped
 
 STUDY = "hitl-demo"
 STEPS = 60
@@ -54,6 +57,11 @@ def seed(url: str) -> None:
 def _run_trials(study: optuna.Study, stop: threading.Event) -> None:
     storage = study._storage
     while not stop.is_set():
+        # A human stopped the study (Stop study, or STOP in its note): start no trial until
+        # they resume it. A real worker's optimize would return; the demo waits to show Resume.
+        while study_stopped(study):
+            if stop.wait(1.0):
+                return
         trial = study.ask()
         x = trial.suggest_float("x", -10, 10)
         for step in range(STEPS):
