@@ -65,6 +65,10 @@ def actor(source: str, user: str | None, note_version: int | None = None) -> str
     return f"{who} via {source}"
 
 
+# Characters of a reason that a log line carries (the audit keeps it whole).
+REASON_LOGGED = 120
+
+
 @dataclasses.dataclass(frozen=True)
 class AuditEntry:
     study_id: int
@@ -145,8 +149,13 @@ class AuditEntry:
         # A relabel is always written by the server: only a running trial's end has a "how".
         how = "" if self.retroactive else f", {_HOW_TEXT.get(self.how, self.how)}"
         note = f"note v{self.note_version}, " if self.note_version is not None else ""
+        # Quoted and cut: a note's line can be long, and a log line ends with its "via".
+        reason = self.reason or ""
+        if len(reason) > REASON_LOGGED:
+            reason = reason[:REASON_LOGGED] + "..."
+        why = f"reason {reason!r}, " if reason else ""
         return (
             f"study {self.study_name!r} trial #{self.trial_number} (id {self.trial_id}): "
             f"{self.from_state.name} -> {self.to_state.name}{kind}{who}{how}, "
-            f"{note}via {self.source}" + (f": {self.reason}" if self.reason else "")
+            f"{note}{why}via {self.source}"
         )
