@@ -30,7 +30,7 @@ from .store import Store
 from .store import TrialRef
 from .study_stop import STUDY_NOTE
 from .study_stop import StudyStops
-from .study_stop import save_study_note
+from .study_stop import says_stop
 from .sweep import Sweeper
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class HitlMiddleware:
         if name == TELL:
             return self._tell(environ, start_response, ids[0])
         if name == STUDY_NOTE:
-            return save_study_note(self, environ, start_response, ids[0])
+            return self._save_study_note(environ, start_response, ids[0])
         return self.app(environ, start_response)
 
     def start_background(self) -> None:
@@ -181,6 +181,46 @@ class HitlMiddleware:
         self.applier.before_save(ref, note, user=user)
         if self.applier.saves_notes:
             return self._save_here(environ, start_response, ref, note, user)
+        status, headers, exc_info, body = self._dashboard_saves(environ)
+        if status.startswith("204"):
+            headers.append((OUTCOME_HEADER, self._apply_saved(environ, ref, note, user)))
+        start_response(status, headers, exc_info)
+        return body
+
+    def _save_study_note(self, environ: WSGIEnvironment, start_response: StartResponse,
+                         study_id: int) -> Iterable[bytes]:
+        """``PUT /api/studies/<study_id>/note``: checked as a trial note's save (413, 400), saved by
+        the dashboard, and its STOP applied before the answer, in ``X-Hitl-Outcome``."""
+        raw = _read_body(environ, MAX_NOTE_REQUEST)
+        if raw is None:
+            reason = f"the note is too long: at most {MAX_NOTE_REQUEST // 1024} KiB per save"
+            return _json(start_response, "413 Request Entity Too Large", {"reason": reason})
+        request, problem = _parse(raw)
+        if problem:
+            return _json(start_response, "400 Bad Request", {"reason": problem})
+        environ["CONTENT_TYPE"] = "application/json"
+        stops = self.stops
+        note = Note(request["version"], request["body"])
+        user = environ.get("REMOTE_USER") or None
+        stops.before_save(study_id, note, user)
+        status, headers, exc_info, body = self._dashboard_saves(environ)
+        if status.startswith("204"):
+            try:
+                outcome = stops.apply(study_id, note, source="note-save", user=user)
+            except Exception:
+                logger.exception("applying the note of study id %d failed", study_id)
+                outcome = {"action": "error", "reason": "retried by sweep"}
+            # A note that has nothing to do with STOP is the dashboard's business alone: no header.
+            if says_stop(note.body) or outcome["action"] != "nothing to do":
+                headers.append((OUTCOME_HEADER, json.dumps(outcome)))
+        start_response(status, headers, exc_info)
+        return body
+
+    def _dashboard_saves(
+        self, environ: WSGIEnvironment
+    ) -> tuple[str, list[tuple[str, str]], Any, list[bytes]]:
+        """The dashboard's own note save: its status, headers (a copy, to add ours to),
+        exc_info and body, held back so that our outcome can go into the headers."""
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -188,11 +228,7 @@ class HitlMiddleware:
             return lambda data: None
 
         body = list(self.app(environ, capture))
-        headers = list(captured["headers"])
-        if captured["status"].startswith("204"):
-            headers.append((OUTCOME_HEADER, self._apply_saved(environ, ref, note, user)))
-        start_response(captured["status"], headers, captured["exc_info"])
-        return body
+        return captured["status"], list(captured["headers"]), captured["exc_info"], body
 
     def _save_here(
         self, environ: WSGIEnvironment, start_response: StartResponse, ref: TrialRef, note: Note,

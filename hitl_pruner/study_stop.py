@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import io
 import json
 import logging
 import re
@@ -66,11 +65,8 @@ from .store import Change
 from .store import Note
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse
-    from _typeshed.wsgi import WSGIEnvironment
 
     from .applier import Applier
-    from .middleware import HitlMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -581,135 +577,3 @@ class StudyStops:
             except Exception:
                 logger.exception("applying the note of study id %d failed", study_id)
         return applied
-
-
-# --- the note-save path ------------------------------------------------------------------------
-
-
-def save_study_note(middleware: HitlMiddleware, environ: WSGIEnvironment,
-                    start_response: StartResponse, study_id: int) -> Iterable[bytes]:
-    """``PUT /api/studies/<study_id>/note``: checked as a trial note's save (413, 400), saved by
-    the dashboard, and its STOP applied before the answer, in ``X-Hitl-Outcome``."""
-    from .middleware import MAX_NOTE_REQUEST
-    from .middleware import OUTCOME_HEADER
-    from .middleware import _json
-    from .middleware import _parse
-    from .middleware import _read_body
-
-    raw = _read_body(environ, MAX_NOTE_REQUEST)
-    if raw is None:
-        reason = f"the note is too long: at most {MAX_NOTE_REQUEST // 1024} KiB per save"
-        return _json(start_response, "413 Request Entity Too Large", {"reason": reason})
-    request, problem = _parse(raw)
-    if problem:
-        return _json(start_response, "400 Bad Request", {"reason": problem})
-    environ["CONTENT_TYPE"] = "application/json"
-    stops = middleware.stops
-    note = Note(request["version"], request["body"])
-    user = environ.get("REMOTE_USER") or None
-    stops.before_save(study_id, note, user)
-    captured: dict[str, Any] = {}
-
-    def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        captured.update(status=status, headers=headers, exc_info=exc_info)
-        return lambda data: None
-
-    body = list(middleware.app(environ, capture))
-    headers = list(captured["headers"])
-    if captured["status"].startswith("204"):
-        try:
-            outcome = stops.apply(study_id, note, source="note-save", user=user)
-        except Exception:
-            logger.exception("applying the note of study id %d failed", study_id)
-            outcome = {"action": "error", "reason": "retried by sweep"}
-        # A note that has nothing to do with STOP is the dashboard's business alone: no header.
-        if says_stop(note.body) or outcome["action"] != "nothing to do":
-            headers.append((OUTCOME_HEADER, json.dumps(outcome)))
-    start_response(captured["status"], headers, captured["exc_info"])
-    return body
-
-
-# --- the page's endpoint -------------------------------------------------------------------------
-
-
-def endpoint(ui: Any, environ: WSGIEnvironment, start_response: StartResponse,
-             study_id: int) -> Iterable[bytes]:
-    """``GET|POST /hitl/api/studies/<study_id>/stop`` (ui.py).
-
-    GET: ``{"stopped": bool, "stop": {"user", "at", "source", "note_version"} | null, ...}``.
-    POST ``{"stop": true|false}``: writes STOP into the study's note, or takes it out, and
-    saves the next version through the dashboard's ``PUT /api/studies/<id>/note`` on this same
-    stack, so the click takes the path of a typed note (allow-list, audit). Answers
-    ``{"outcome": ..., "note": ..., "stopped": bool}``, or the dashboard's 409 when the note
-    changed meanwhile. It needs ``Content-Type: application/json``.
-    """
-    from .ui import FORWARDED_KEYS
-    from .ui import _capture
-    from .ui import _json
-    from .ui import _not_allowed
-
-    method = environ.get("REQUEST_METHOD", "GET")
-    stops = StudyStops(ui.applier)
-    if method in ("GET", "HEAD"):
-        state = stops.state(study_id)
-        if state is None:
-            reason = f"there is no study with study_id={study_id}"
-            return _json(start_response, "404 Not Found", {"reason": reason})
-        return _json(start_response, "200 OK", state)
-    if method != "POST":
-        return _not_allowed(start_response, "GET, POST")
-    if not environ.get("CONTENT_TYPE", "").startswith("application/json"):
-        reason = "send Content-Type: application/json (a plain form post is refused)"
-        return _json(start_response, "415 Unsupported Media Type", {"reason": reason})
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > 1024:
-        return _json(start_response, "413 Request Entity Too Large",
-                     {"reason": "the body is {\"stop\": true} or {\"stop\": false}"})
-    try:
-        request = json.loads(environ["wsgi.input"].read(length).decode("utf-8") or "null")
-    except (ValueError, RecursionError):
-        request = None
-    if not isinstance(request, dict) or not isinstance(request.get("stop"), bool):
-        reason = "the body must be {\"stop\": true} or {\"stop\": false}"
-        return _json(start_response, "400 Bad Request", {"reason": reason})
-    state = stops.state(study_id)
-    if state is None:
-        reason = f"there is no study with study_id={study_id}"
-        return _json(start_response, "404 Not Found", {"reason": reason})
-    note = Note(state["note"]["version"], state["note"]["body"])
-    wanted: bool = request["stop"]
-    body = with_stop(note.body) if wanted else without_stop(note.body)
-    if says_stop(note.body) == wanted:
-        # The note says so already: nothing to save; apply it in case the sweep has not yet.
-        outcome = stops.apply(study_id, source="note-save",
-                              user=environ.get("REMOTE_USER") or None)
-        payload = {"outcome": outcome, "note": state["note"], "stopped": outcome["stopped"]}
-        return _json(start_response, "200 OK", payload)
-    saved = Note(note.version + 1, body)
-    data = json.dumps({"version": saved.version, "body": saved.body}).encode()
-    put: dict[str, Any] = {key: environ[key] for key in FORWARDED_KEYS if key in environ}
-    put.update({
-        "REQUEST_METHOD": "PUT",
-        "PATH_INFO": f"/api/studies/{study_id}/note",
-        "QUERY_STRING": "",
-        "CONTENT_TYPE": "application/json",
-        "CONTENT_LENGTH": str(len(data)),
-        "wsgi.input": io.BytesIO(data),
-    })
-    status, headers, _, answer = _capture(ui.application, put)
-    outcome_raw = next((v for k, v in headers if k == "X-Hitl-Outcome"), None)
-    if not status.startswith("204"):
-        passed = [(k, v) for k, v in headers if k.lower() in ("content-type", "content-length")]
-        start_response(status, passed)
-        return [answer]
-    applied = json.loads(outcome_raw) if outcome_raw else None
-    payload = {
-        "outcome": applied,
-        "note": {"version": saved.version, "body": saved.body},
-        "stopped": bool(applied and applied.get("stopped")),
-    }
-    extra = [("X-Hitl-Outcome", outcome_raw)] if outcome_raw else []
-    return _json(start_response, "200 OK", payload, extra)

@@ -47,7 +47,7 @@ through the same note-save path as one typed in the dashboard. It answers:
 ``GET|POST /hitl/api/studies/<study_id>/stop``
     Whether a human stopped the study (STOP in its note), by whom and when; a POST of
     ``{"stop": true|false}`` writes STOP into the study's note or takes it out, through the
-    dashboard's study note API (study_stop.py ``endpoint``).
+    dashboard's study note API (``UiMiddleware._stop``, study_stop.py).
 ``POST /hitl/api/actions/<id>/undo``
     Removes the command words from the trial's note and saves the next version through
     ``PUT /api/studies/<sid>/<tid>/note``; the note-save then puts the trial back to COMPLETE.
@@ -287,7 +287,7 @@ class UiMiddleware:
             return self._changes(environ, start_response, changes[0])
         stop = ids(STOP_PATH, path)
         if stop is not None:  # a study's Stop/Resume (study_stop.py)
-            return study_stop.endpoint(self, environ, start_response, stop[0])
+            return self._stop(environ, start_response, stop[0])
         undo = ids(UNDO_PATH, path)
         if undo is not None:
             if method != "POST":
@@ -638,21 +638,98 @@ class UiMiddleware:
             return _json(start_response, exc.status, {"reason": exc.reason})
         return _json(start_response, "200 OK", payload)
 
+    def _stop(self, environ: WSGIEnvironment, start_response: StartResponse,
+              study_id: int) -> Iterable[bytes]:
+        """``GET|POST /hitl/api/studies/<study_id>/stop`` (study_stop.py has the rest).
+
+        GET: ``{"stopped": bool, "stop": {"user", "at", "source", "note_version"} | null, ...}``.
+        POST ``{"stop": true|false}``: writes STOP into the study's note, or takes it out, and
+        saves the next version through the dashboard's ``PUT /api/studies/<id>/note`` on this same
+        stack, so the click takes the path of a typed note (allow-list, audit). Answers
+        ``{"outcome": ..., "note": ..., "stopped": bool}``, or the dashboard's 409 when the note
+        changed meanwhile. It needs ``Content-Type: application/json``.
+        """
+
+        method = environ.get("REQUEST_METHOD", "GET")
+        stops = study_stop.StudyStops(self.applier)
+        if method in ("GET", "HEAD"):
+            state = stops.state(study_id)
+            if state is None:
+                reason = f"there is no study with study_id={study_id}"
+                return _json(start_response, "404 Not Found", {"reason": reason})
+            return _json(start_response, "200 OK", state)
+        if method != "POST":
+            return _not_allowed(start_response, "GET, POST")
+        if not environ.get("CONTENT_TYPE", "").startswith("application/json"):
+            reason = "send Content-Type: application/json (a plain form post is refused)"
+            return _json(start_response, "415 Unsupported Media Type", {"reason": reason})
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > 1024:
+            return _json(start_response, "413 Request Entity Too Large",
+                         {"reason": "the body is {\"stop\": true} or {\"stop\": false}"})
+        try:
+            request = json.loads(environ["wsgi.input"].read(length).decode("utf-8") or "null")
+        except (ValueError, RecursionError):
+            request = None
+        if not isinstance(request, dict) or not isinstance(request.get("stop"), bool):
+            reason = "the body must be {\"stop\": true} or {\"stop\": false}"
+            return _json(start_response, "400 Bad Request", {"reason": reason})
+        state = stops.state(study_id)
+        if state is None:
+            reason = f"there is no study with study_id={study_id}"
+            return _json(start_response, "404 Not Found", {"reason": reason})
+        note = Note(state["note"]["version"], state["note"]["body"])
+        wanted: bool = request["stop"]
+        body = study_stop.with_stop(note.body) if wanted else study_stop.without_stop(note.body)
+        if study_stop.says_stop(note.body) == wanted:
+            # The note says so already: nothing to save; apply it in case the sweep has not yet.
+            outcome = stops.apply(study_id, source="note-save",
+                                  user=environ.get("REMOTE_USER") or None)
+            payload = {"outcome": outcome, "note": state["note"], "stopped": outcome["stopped"]}
+            return _json(start_response, "200 OK", payload)
+        saved = Note(note.version + 1, body)
+        status, headers, _, answer = self._put_note(
+            environ, f"/api/studies/{study_id}/note", saved)
+        outcome_raw = next((v for k, v in headers if k == "X-Hitl-Outcome"), None)
+        if not status.startswith("204"):
+            passed = [(k, v) for k, v in headers if k.lower() in ("content-type", "content-length")]
+            start_response(status, passed)
+            return [answer]
+        applied = json.loads(outcome_raw) if outcome_raw else None
+        payload = {
+            "outcome": applied,
+            "note": {"version": saved.version, "body": saved.body},
+            "stopped": bool(applied and applied.get("stopped")),
+        }
+        extra = [("X-Hitl-Outcome", outcome_raw)] if outcome_raw else []
+        return _json(start_response, "200 OK", payload, extra)
+
     def _save_note(
         self, environ: WSGIEnvironment, entry: AuditEntry, note: Note
     ) -> tuple[str, list[tuple[str, str]], Any, bytes]:
         """Save the note as the dashboard would: through the wrapped app's note API."""
+        return self._put_note(environ, f"/api/studies/{entry.study_id}/{entry.trial_id}/note",
+                              note, {"hitl_pruner.undo": entry.id})
+
+    def _put_note(
+        self, environ: WSGIEnvironment, path: str, note: Note, extra: dict[str, Any] | None = None
+    ) -> tuple[str, list[tuple[str, str]], Any, bytes]:
+        """PUT a note (a trial's or a study's) to the dashboard's note API on this same stack,
+        with this request's identity and origin (FORWARDED_KEYS)."""
         data = json.dumps({"version": note.version, "body": note.body}).encode()
         put: dict[str, Any] = {key: environ[key] for key in FORWARDED_KEYS if key in environ}
         put.update(
             {
                 "REQUEST_METHOD": "PUT",
-                "PATH_INFO": f"/api/studies/{entry.study_id}/{entry.trial_id}/note",
+                "PATH_INFO": path,
                 "QUERY_STRING": "",
                 "CONTENT_TYPE": "application/json",
                 "CONTENT_LENGTH": str(len(data)),
                 "wsgi.input": io.BytesIO(data),
-                "hitl_pruner.undo": entry.id,
+                **(extra or {}),
             }
         )
         return _capture(self.application, put)
