@@ -45,19 +45,22 @@ def varied(i: int, sid: int, other: int, trial_id: int) -> AuditEntry:
     return dataclasses.replace(made, how="worker") if i % 4 == 0 else made
 
 
+# The table's rows as objects, in the page's JavaScript.
+ROWS = """[...document.querySelectorAll('#hitl-actions tr')].map((tr) => ({
+    id: tr.dataset.id, user: tr.children[1].textContent, study: tr.children[2].textContent,
+    change: tr.children[4].textContent }))"""
+
+
 def rows_shown(page: Any) -> list[dict[str, str]]:
-    return page.evaluate("""() => [...document.querySelectorAll('#hitl-actions tr')].map((tr) => ({
-        id: tr.dataset.id, user: tr.children[1].textContent, study: tr.children[2].textContent,
-        change: tr.children[4].textContent }))""")
+    return page.evaluate(f"() => {ROWS}")
 
 
 def wait_rows(page: Any, check: str) -> None:
-    """Wait until the table's rows (as rows_shown gives them, ``rows``) satisfy ``check``."""
-    page.wait_for_function(f"""() => {{
-        const rows = [...document.querySelectorAll('#hitl-actions tr')].map((tr) => ({{
-          id: tr.dataset.id, user: tr.children[1].textContent }}));
-        return {check};
-    }}""")
+    """Wait until the table's rows (as rows_shown gives them, ``rows``) satisfy ``check``.
+
+    The check must hold only for the page asked for: while a filter's answer is on its way the
+    table still shows the previous page, which a bare row count may match too."""
+    page.wait_for_function(f"() => {{ const rows = {ROWS}; return {check}; }}")
 
 
 def test_filter_page_and_undo_with_confirmation_at_1000_px(
@@ -135,7 +138,7 @@ def test_filter_page_and_undo_with_confirmation_at_1000_px(
         wait_rows(page, "rows.length === 100")
         assert page.locator("input[name=trial]").is_disabled()
         page.locator("select[name=study]").select_option(str(sid))
-        wait_rows(page, "rows.length === 100")
+        wait_rows(page, f"rows.length === 100 && rows.every((r) => r.study === '{STUDY}')")
         assert page.locator("#hitl-dashboard-link").get_attribute("href") == (
             f"/dashboard/studies/{sid}"
         )
@@ -162,7 +165,7 @@ def test_filter_page_and_undo_with_confirmation_at_1000_px(
         page.locator(".hitl-toast[data-action=applied]", has_text="FAIL \u2192 COMPLETE").wait_for()
         assert state_of(url, ids[0]) is TrialState.COMPLETE
         page.locator("select[name=action]").select_option("undo")
-        wait_rows(page, "rows.length === 1")
+        wait_rows(page, "rows.length === 1 && rows[0].change.includes('undo')")
         # The row's trial link leads to the study's trial in the dashboard.
         href = page.locator("#hitl-actions tr a", has_text="Trial 0").get_attribute("href")
         assert href == f"/dashboard/studies/{sid}/trials?numbers=0"
