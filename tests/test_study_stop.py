@@ -417,7 +417,7 @@ def test_the_stop_study_button_stops_the_study_and_the_banner_says_who(
 
         # The Human actions view lists both, in the trial's column, linked to the study.
         page.goto(f"{server.base}/hitl/actions")
-        page.wait_for_function("document.body.dataset.loaded === 'true'")
+        page.wait_for_function("() => document.body.dataset.loaded === 'true'")
         rows = page.locator("#hitl-actions tr")
         assert rows.count() == 2
         assert "resume study" in rows.nth(0).inner_text()
