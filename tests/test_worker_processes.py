@@ -67,6 +67,12 @@ def worker_main(mode: str, url: str | optuna.storages.BaseStorage, study_name: s
                 # A plain worker whose objective reports nothing (no pruning at all).
                 time.sleep(steps * STEP_SECONDS)
                 return 1.0
+            if mode == "checkfirst":
+                # The README's first line of an objective: heeded before its first report,
+                # through a first step (say, loading data) that reports nothing for a while.
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+                time.sleep(steps * STEP_SECONDS)
             for step in range(steps):
                 trial.report(step / steps, step)
                 if trial.should_prune():
@@ -245,6 +251,37 @@ def test_a_hung_cooperative_worker_is_forced_after_the_grace_period(
         (target._trial_id, "PRUNED", "grace")
     ]
     assert "forced after the grace period" in server.output
+
+
+def test_a_first_trial_that_checks_before_reporting_is_asked_and_its_worker_goes_on(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The README's remedy for the first-trial window: a worker's first trial, in a study with
+    no other wrapped worker alive, has no heartbeat to vouch for it until its first
+    ``should_prune()``. An objective that calls it first is marked at once, so a human's PRUNE
+    during a long first step that reports nothing is asked, not forced, and optimize goes on."""
+    from hitl_pruner.requests import COOPERATIVE_ATTR
+
+    study = optuna.create_study(study_name="first", storage=postgres_url)
+    storage = RDBStorage(postgres_url)
+    with serve_server(postgres_url, tmp_path, args=["--grace", "60"],
+                      interval=INTERVAL) as server, \
+            workers("checkfirst", postgres_url, "first", 1, 2, tmp_path) as procs:
+        first = wait_for(
+            lambda: next((t for t in storage.get_all_trials(study._study_id, deepcopy=False)
+                          if t.number == 0 and t.state is TrialState.RUNNING
+                          and t.system_attrs.get(COOPERATIVE_ATTR) is True), None),
+            timeout=30, what="the first trial, marked", servers=[server], interval=0.02)
+        assert first.intermediate_values == {}, "still in its first step"
+        reply = server.put_note(study._study_id, first._trial_id, 1, "PRUNE")
+        assert reply.outcome["action"] == "requested", reply
+        assert "the trial is marked" in reply.outcome["reason"], reply
+        code, ran, err = procs[0].finish(timeout=60)
+    assert code == 0 and "Traceback" not in err, err
+    assert ran == [0, 1]
+    assert storage.get_trial(first._trial_id).state is TrialState.PRUNED
+    [row] = audit_rows(postgres_url)
+    assert (row.trial_id, row.to_state, row.how) == (first._trial_id, "PRUNED", "worker")
 
 
 def test_an_ask_and_tell_loop_heeds_prune_and_fail_and_finishes(
