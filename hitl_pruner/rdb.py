@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 
 from .audit import FORCED
+from .audit import STUDY_ROW
 from .audit import SWEEP
 from .audit import AuditEntry
 from .dashboard import note_str_key_prefix
@@ -1099,6 +1100,9 @@ def _audit_where(where: AuditFilter) -> list[sa.ColumnElement[bool]]:
         clauses += [c.retroactive == sa.true(), c.is_undo == sa.false()]
     elif where.action == "undo":
         clauses += [c.retroactive == sa.true(), c.is_undo == sa.true()]
+    elif where.action == "stop":
+        # Study-level rows (audit.STUDY_ROW): the only ones that end RUNNING.
+        clauses += [c.to_state == TrialState.RUNNING.name, c.trial_id == STUDY_ROW]
     elif where.action is not None:
         raise ValueError(f"unknown action {where.action!r}")
     return clauses

@@ -51,6 +51,8 @@ AUDIT_ACTIONS = {
     "fail": "ended or relabelled FAIL",
     "relabel": "a finished trial relabelled (COMPLETE to PRUNED or FAIL, or between them)",
     "undo": "a relabel undone: back to COMPLETE",
+    # A study-level row (audit.STUDY_ROW) is the only one whose to_state is RUNNING.
+    "stop": "a study stopped or resumed (STOP in its note, or the Stop study button)",
 }
 
 
@@ -76,6 +78,7 @@ class AuditFilter:
                 or (action == "fail" and entry.to_state == TrialState.FAIL)
                 or (action == "relabel" and entry.retroactive and not entry.undo)
                 or (action == "undo" and entry.retroactive and entry.undo)
+                or (action == "stop" and entry.study_level)
             )
         )
 

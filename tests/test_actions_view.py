@@ -250,7 +250,7 @@ def test_journal_pages_keep_actions_of_one_microsecond_together(tmp_path: Path) 
         ("", "trial=3", "trial needs study: trial numbers count within a study"),
         ("", "study=1&trial=1.5", "trial must be a trial number"),
         ("", "user=" + "u" * 257, "user must be at most 256 characters, not 257"),
-        ("", "action=delete", "action must be one of prune, fail, relabel, undo, not 'delete'"),
+        ("", "action=delete", "action must be one of prune, fail, relabel, undo, stop, not 'delete'"),
         ("", "action=PRUNE", "action must be one of"),
         ("", "before=abc", "before must be a cursor"),
         ("", "before=12&before=13", "give before once, not 2 times"),

@@ -331,6 +331,43 @@ def test_a_stop_on_a_journal_is_applied_by_the_sweep(tmp_path: Path) -> None:
     assert [a["action"] for a in actions] == ["stop study"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "journal"])
+def test_the_stop_filter_lists_exactly_the_study_stops_and_resumes(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The Human actions view's "Stop or resume study" filter (action=stop), in SQL and on a
+    journal: study-level rows only, never a trial's change; and no other filter lists them."""
+    if backend == "journal":
+        where: str = str(tmp_path / "journal.log")
+        storage: Any = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(where))
+    else:
+        where = storage = request.getfixturevalue(
+            {"sqlite": "sqlite_url", "postgresql": "postgres_url"}[backend])
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial_id = study.ask()._trial_id  # a plain worker's trial, forced at once
+    app = app_for(where)
+    r = call(app, "PUT", f"/api/studies/{study._study_id}/{trial_id}/note",
+             {"version": 1, "body": "PRUNE"}, environ={"REMOTE_USER": "bob"})
+    assert r.status == 204, r.body
+    save_note(study, "STOP")
+    app.sweeper.run_once()
+    save_note(study, "")
+    app.sweeper.run_once()
+
+    def listed(query: str) -> list[str]:
+        page = call(app, "GET", "/hitl/api/actions", environ={"QUERY_STRING": query}).json()
+        # A trial's row has no "action": its states say what happened.
+        return [a.get("action", f"{a['from']} -> {a['to']}") for a in page["actions"]]
+
+    assert listed("") == ["resume study", "stop study", "RUNNING -> PRUNED"]
+    assert listed("action=stop") == ["resume study", "stop study"]
+    assert listed(f"study={study._study_id}&action=stop") == ["resume study", "stop study"]
+    assert listed("action=stop&user=bob") == []
+    assert listed("action=prune") == ["RUNNING -> PRUNED"]
+    assert listed("action=relabel") == listed("action=undo") == []
+
+
 def test_the_stop_endpoint_edits_the_study_note_and_refuses_bad_input(sqlite_url: str) -> None:
     study = optuna.create_study(storage=sqlite_url, study_name="s")
     sid = study._study_id
