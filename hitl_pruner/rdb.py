@@ -451,10 +451,21 @@ class SqlStore:
                 cursor.execute(
                     f"INSERT OR IGNORE INTO hitl_meta (name, value) VALUES ('{NOTE_WRITES}', '0')"
                 )
+            study_note_triggers_made = False
             for name, statements in _trigger_ddl(dialect) + _fail_trigger_ddl(dialect):
                 if not _trigger_exists(conn, name):
                     for statement in statements:
                         cursor.execute(statement)
+                    study_note_triggers_made |= name.startswith(STUDY_NOTE_TRIGGER)
+            if study_note_triggers_made:
+                # A STOP already in a study's note (written before this database had these
+                # triggers: before the first start, or under an older version) is queued once
+                # now, so the first sweep applies it as it would a new one.
+                conn.execute(sa.insert(changes_t).from_select(
+                    ["study_id", "attr_key"],
+                    sa.select(attrs_t.c.study_id, attrs_t.c.key)
+                    .where(attrs_t.c.key == note_ver_key(None)),
+                ))
             if dialect == "postgresql":
                 for name in PG_FUNCTIONS:
                     if not _pg_function_current(conn, name):

@@ -368,6 +368,25 @@ def test_the_stop_filter_lists_exactly_the_study_stops_and_resumes(
     assert listed("action=relabel") == listed("action=undo") == []
 
 
+def test_a_stop_written_before_the_first_start_is_applied_by_the_first_sweep(
+    storage_url: str,
+) -> None:
+    """Regression: a study note that said STOP before hitl-pruner first ran on the database
+    (no trigger queued it) took effect only when someone saved that note again."""
+    study = optuna.create_study(storage=storage_url, study_name="s")
+    save_note(study, "the data pipeline is broken\n\nSTOP")
+    other = optuna.create_study(storage=storage_url, study_name="other")
+    save_note(other, "nothing to stop here")
+    app = app_for(storage_url)
+    app.sweeper.run_once()
+    assert hitl_pruner.study_stopped(study)
+    assert not hitl_pruner.study_stopped(other)
+    [row] = audit_rows(storage_url)
+    assert (row.study_id, row.source, row.how) == (study._study_id, "sweep", "stop:0")
+    app.sweeper.run_once()
+    assert len(audit_rows(storage_url)) == 1, "queued once, applied once"
+
+
 def test_the_stop_endpoint_edits_the_study_note_and_refuses_bad_input(sqlite_url: str) -> None:
     study = optuna.create_study(storage=sqlite_url, study_name="s")
     sid = study._study_id
