@@ -252,7 +252,7 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         page.locator(".hitl-bar button[data-command=PRUNE]").wait_for()
         page.mouse.move(VIEWPORT["width"] - 1, VIEWPORT["height"] - 1)
         page.evaluate("document.activeElement && document.activeElement.blur()")
-        page.wait_for_function("!document.querySelector('.MuiTouchRipple-child')")
+        page.wait_for_function("() => !document.querySelector('.MuiTouchRipple-child')")
         shots = Path(os.environ.get("HITL_TEST_SCREENSHOTS") or tmp_path)
         if name == "sqlite":
             shots.mkdir(exist_ok=True)
@@ -324,7 +324,7 @@ def test_the_dashboard_still_works_around_us_in_dark_mode(
         base = f"{server.base}/dashboard"
         page.goto(base)
         page.get_by_text(f"1. {STUDY}", exact=True).wait_for()
-        page.wait_for_function("document.documentElement.dataset.hitlTheme === 'dark'")
+        page.wait_for_function("() => document.documentElement.dataset.hitlTheme === 'dark'")
 
         page.goto(f"{base}/studies/{sid}")
         page.locator(".js-plotly-plot").first.wait_for()
@@ -374,7 +374,7 @@ def test_the_dashboard_still_works_around_us_in_dark_mode(
 
         # The dashboard's own colour switch: our parts follow it.
         page.locator("li[title='Dark Mode'] .MuiListItemButton-root").click()
-        page.wait_for_function("document.documentElement.dataset.hitlTheme === 'light'")
+        page.wait_for_function("() => document.documentElement.dataset.hitlTheme === 'light'")
         assert label.evaluate("e => getComputedStyle(e).color") == "rgba(0, 0, 0, 0.87)"
         pages.finish()
 
