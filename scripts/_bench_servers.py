@@ -78,7 +78,7 @@ class Server:
     """``python -m gunicorn <app>`` from the repository root, with HITL_* settings in env."""
 
     def __init__(self, app: str, env: dict[str, str], log_path: Path,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), cpus: set[int] | None = None) -> None:
         self.port = free_port()
         self.app = app
         self.env = {
@@ -90,7 +90,10 @@ class Server:
             "HITL_PORT": str(self.port),
             **env,
         }
-        self.cmd = [sys.executable, "-m", "gunicorn", *extra_args, app]
+        # taskset execs gunicorn in its own process (same pid); the workers it forks inherit
+        # the CPUs.
+        pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+        self.cmd = [*pin, sys.executable, "-m", "gunicorn", *extra_args, app]
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -167,13 +170,28 @@ class Server:
 
 @contextlib.contextmanager
 def running(app: str, env: dict[str, str], log_path: Path, *, n_workers: int = 1,
-            extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
-    server = Server(app, env, log_path, extra_args)
+            extra_args: tuple[str, ...] = (), cpus: set[int] | None = None) -> Iterator[Server]:
+    """A started server (on ``cpus`` only, if given), stopped on leaving."""
+    server = Server(app, env, log_path, extra_args, cpus)
     try:
         server.start(n_workers)
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """This thread, and the threads it starts meanwhile (the client's), on ``cpus`` only."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 # --- HTTP ------------------------------------------------------------------------------------

@@ -32,8 +32,11 @@ passthrough
     SQLite, a study of 1,000 trials (10 RUNNING): ``gunicorn wsgi:app`` against the bare
     ``optuna_dashboard.wsgi(storage)`` (scripts/_bench_bare.py) under the same gunicorn
     settings (./gunicorn.conf.py: one worker, gthread, 4 threads), on the same database file,
-    both running; for each endpoint, --rounds rounds, each one leg per server (order
-    alternating, so drift hits both alike) of about --leg seconds of requests over
+    both running, both on the first CPU and the client on the others (``taskset``; --no-pin
+    lets them share: on a 2-core machine the client's threads then steal the server's core at
+    random, which spread the per-round ratios by +/-10-20%); for each endpoint, --rounds
+    rounds, each one leg per server (order alternating, so drift hits both alike) of about
+    --leg seconds of requests over
     --concurrency keep-alive connections. Throughput ratio = ours / bare (target >= 0.97x);
     CPU per request ratio, from the CPU clocks of the server's processes over each leg
     (target <= 1.03x). The median of the per-round ratios, and their min-max. The study
@@ -449,6 +452,16 @@ class PassThrough:
         return [ratio(slice(i, i + 1)) for i in range(len(self.ours))]
 
 
+def pin_cpus(args: argparse.Namespace) -> tuple[set[int] | None, set[int] | None]:
+    """The CPUs of the servers and of the client: apart, so that neither side's legs are
+    slowed by the client (a Python process with threads of its own) taking the server's CPU
+    at random; both servers alike. None, None with --no-pin or fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.no_pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
 def bench_passthrough(url: str, tmp: Path, args: argparse.Namespace) -> list[PassThrough]:
     study = build_study(url, "passthrough", STUDY_TRIALS, 10)
     # The dashboard asks for the trials after those it holds that can no longer change.
@@ -462,10 +475,12 @@ def bench_passthrough(url: str, tmp: Path, args: argparse.Namespace) -> list[Pas
         "/api/meta",
     ]
     env = server_env(url)
-    with servers.running("wsgi:app", env, tmp / "passthrough-ours.log") as ours:
+    server_cpus, client_cpus = pin_cpus(args)
+    with servers.running("wsgi:app", env, tmp / "passthrough-ours.log",
+                         cpus=server_cpus) as ours, servers.pinned(client_cpus):
         ours.wait_swept()  # installed, and the bootstrap queue drained
         with servers.running("_bench_bare:app", env, tmp / "passthrough-bare.log",
-                             extra_args=("--pythonpath", "scripts")) as bare:
+                             extra_args=("--pythonpath", "scripts"), cpus=server_cpus) as bare:
             pids = {"ours": ours.pids(), "bare": bare.pids()}
             results = []
             for path in endpoints:
@@ -649,6 +664,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-rounds", type=int, default=None,
                         help="pass-through rounds on the study detail endpoints (default 6; "
                         "3 quick)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="pass-through: let the servers and the client share every CPU "
+                             "(by default the servers run on the first CPU, the client on the "
+                             "others)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="keep-alive connections in the pass-through section (default 2)")
     parser.add_argument("--save-rounds", type=int, default=None,
@@ -719,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
           f"poll={args.poll * 1000:g} ms, idle: 1,000 and {args.trials:,} trials over "
           f"{args.idle_seconds:g} s; pass-through: {args.rounds} rounds x {args.leg:g} s legs "
           f"(study detail: {args.cache_rounds} x {args.cache_leg:g} s), "
-          f"{args.concurrency} connections; saves: {args.save_rounds} rounds x {args.saves}")
+          f"{args.concurrency} connections, "
+          f"{'unpinned' if args.no_pin else 'servers on CPU 0, client on the others'}; "
+          f"saves: {args.save_rounds} rounds x {args.saves}")
     for message in skipped:
         print(f"- SKIPPED {message}")
     sys.stdout.flush()
