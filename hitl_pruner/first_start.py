@@ -22,6 +22,7 @@ before the first start, the database's notes) would change, and changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Iterable
 
@@ -67,7 +68,8 @@ class Planned:
 class ExistingNotes:
     """hitl_meta's record of the notes written before the first start, on one database:
     ``existing_notes_upto`` until the first start has sorted them (rdb.py writes it), then
-    one ``existing_note:<trial id>`` row per note held back, its study id as the value."""
+    one ``existing_note:<trial id>`` row per note held back, ``<study id>:<note version>`` as
+    the value (versions before 0.2 wrote the study id alone)."""
 
     def __init__(self, engine: sa.Engine, *, apply: bool) -> None:
         self.engine = engine
@@ -81,10 +83,11 @@ class ExistingNotes:
             ).scalar()
         return int(value) if value else 0
 
-    def hold(self, held: Iterable[tuple[int, int]]) -> None:
-        """Remember these (study id, trial id) notes as held back: before their queue rows go,
-        so that a crash in between loses none (a second try finds them remembered)."""
-        rows = {f"{HELD}{tid}": str(sid) for sid, tid in held}
+    def hold(self, held: Iterable[tuple[int, int, int]]) -> None:
+        """Remember these (study id, trial id, note version) notes as held back: before their
+        queue rows go, so that a crash in between loses none (a second try finds them
+        remembered)."""
+        rows = {f"{HELD}{tid}": f"{sid}:{version}" for sid, tid, version in held}
         if not rows:
             return
         with self.engine.begin() as conn:
@@ -99,17 +102,30 @@ class ExistingNotes:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(meta_t).where(meta_t.c.name == EXISTING_UPTO))
 
-    def held(self, study_ids: set[int] | None = None) -> list[tuple[int, int]]:
-        """The (study id, trial id) of every note held back."""
+    def held(self, study_ids: set[int] | None = None, *,
+             tidy: bool = False) -> list[tuple[int, int]]:
+        """The (study id, trial id) of every note still held back. A note saved again since
+        it was held is not: it was applied as any new note (``tidy`` deletes its row)."""
         with self.engine.connect() as conn:
-            found = [
-                (int(value), int(name[len(HELD):]))
-                for name, value in conn.execute(
-                    sa.select(meta_t.c.name, meta_t.c.value).where(
-                        meta_t.c.name.like(f"{HELD}%"))
-                )
-            ]
-        return [(s, t) for s, t in found if study_ids is None or s in study_ids]
+            found: dict[int, tuple[int, int | None]] = {}
+            for name, value in conn.execute(sa.select(meta_t.c.name, meta_t.c.value).where(
+                    meta_t.c.name.like(f"{HELD}%"))):
+                sid, _, version = value.partition(":")
+                if study_ids is None or int(sid) in study_ids:
+                    found[int(name[len(HELD):])] = (int(sid), int(version) if version else None)
+            keys = {note_ver_key(tid): tid for tid, (_, v) in found.items() if v is not None}
+            now: dict[int, object] = {}
+            names = sorted(keys)
+            for start in range(0, len(names), 500):
+                for key, value in conn.execute(sa.select(attrs_t.c.key, attrs_t.c.value_json)
+                                               .where(attrs_t.c.key.in_(names[start:start + 500]))):
+                    now[keys[key]] = json.loads(value)
+        saved_again = {tid for tid, (_, v) in found.items() if v is not None and now.get(tid) != v}
+        if tidy and saved_again:
+            with self.engine.begin() as conn:
+                conn.execute(sa.delete(meta_t).where(
+                    meta_t.c.name.in_([f"{HELD}{tid}" for tid in sorted(saved_again)])))
+        return sorted((sid, tid) for tid, (sid, _) in found.items() if tid not in saved_again)
 
     def release(self, held: list[tuple[int, int]]) -> None:
         """Queue the held notes again, for the sweep to apply as any other."""

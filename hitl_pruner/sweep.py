@@ -212,7 +212,7 @@ class Sweeper:
             if not dry_run:
                 existing.sorted_out()
             return self._skip
-        held = existing.held(study_ids)
+        held = existing.held(study_ids, tidy=not dry_run)
         if held and existing.apply and not dry_run:
             existing.release(held)
             logger.warning("applying the %d notes held back since the first start "
@@ -232,7 +232,7 @@ class Sweeper:
 
         existing = self.existing
         assert existing is not None
-        held: list[tuple[int, int]] = []
+        held: list[tuple[int, int, int]] = []
         after = 0
         while True:
             changes = [c for c in self.store.pending(None, BATCH, after=after) if c.id <= upto]
@@ -254,7 +254,7 @@ class Sweeper:
                 for tid, note in sorted(notes.items()):
                     planned = would_relabel(self.applier, finished[tid], note)
                     if planned is not None:
-                        held.append((study_id, tid))
+                        held.append((study_id, tid, note.version))
                         logger.info("first start: not applied: %s (%s applies it)",
                                     planned.line(), _FLAG)
             done = {c.id for c in self._apply(run, stats)}

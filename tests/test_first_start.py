@@ -89,6 +89,29 @@ def test_a_second_start_does_not_list_them_again_and_still_relabels_none(
     assert second.sweeper.run_once().applied == 1
 
 
+def test_a_held_note_saved_again_is_no_longer_counted_or_listed_as_held(
+    storage_url: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: an old note saved again after the first start was applied as a new one, but
+    later starts still counted it among the held back, and plan still listed it."""
+    study, ids = seeded(storage_url)
+    app = app_for(storage_url)
+    app.sweeper.run_once()
+    assert save(app, study._study_id, ids["complete"], 2, "bad split\nPRUNE").status == 204
+    assert state(storage_url, ids["complete"]) is TrialState.PRUNED
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "hitl_pruner"):
+        app_for(storage_url).sweeper.run_once()
+    assert "held back" not in caplog.text
+    assert not rows(storage_url, "SELECT * FROM hitl_meta WHERE name LIKE 'existing_note%'")
+    assert cli.main(["plan", storage_url]) == 0
+    assert "no note written before hitl-pruner first ran here is held back" in \
+        capsys.readouterr().out
+    # --apply-existing-notes has nothing to apply twice.
+    app_for(storage_url, apply_existing_notes=True).sweeper.run_once()
+    assert len([r for r in audit_rows(storage_url) if r.trial_id == ids["complete"]]) == 1
+
+
 def test_apply_existing_notes_on_the_first_start_relabels_them_with_audit_rows(
     storage_url: str,
 ) -> None:
