@@ -491,7 +491,7 @@ class Applier:
                 return self._ask(
                     ref, decision.target, note_version, source=source, user=user,
                     replaces=worker.requested if worker is not None else None,
-                    evidence=worker.evidence if worker is not None else "",
+                    evidence=worker.evidence if worker is not None else "", reason=reason,
                 )
             except LostRace:
                 # Another server, or our sweep, asked between our read and our write.
@@ -619,7 +619,7 @@ class Applier:
 
     def _ask(self, ref: TrialRef, target: TrialState, note_version: int | None, *,
              source: str, user: str | None, replaces: TrialState | None,
-             evidence: str = "") -> Outcome:
+             evidence: str = "", reason: str | None = None) -> Outcome:
         now = datetime.datetime.now(datetime.timezone.utc)
         request = Request(
             trial_id=ref.trial_id,
@@ -632,6 +632,7 @@ class Applier:
             source=source,
             requested_at=now,
             deadline=now + datetime.timedelta(seconds=self.grace),
+            reason=reason,
         )
         what = (
             f"study {ref.study_name!r} trial #{ref.number} (id {ref.trial_id}): asked its worker "
@@ -688,7 +689,7 @@ class Applier:
             retroactive=False,
             undo=False,
             how=AFTER_GRACE if verdict is Settle.FORCE else BY_WORKER,
-            reason=self._request_reason(request),
+            reason=request.reason or self._request_reason(request),
         )
         if verdict is Settle.FORCE:
             # Only the request as read: a note save may have claimed it since (see _claim).
@@ -712,7 +713,8 @@ class Applier:
         return Outcome("dropped", "the worker ended the trial otherwise", request.trial_id)
 
     def _request_reason(self, request: Request) -> str | None:
-        """The reason of the note that asked the worker, while the note is still that one."""
+        """For a request recorded without its reason (by a version before 0.2, or with none):
+        the reason of the note that asked the worker, while the note is still that one."""
         if request.note_version is None:
             return None
         note = self.store.notes(request.study_id, [request.trial_id]).get(request.trial_id)

@@ -99,6 +99,8 @@ requests_t = sa.Table(
     sa.Column("source", sa.String(32), nullable=False),
     sa.Column("requested_at", sa.DateTime, nullable=False),
     sa.Column("deadline", sa.DateTime, nullable=False),
+    # The note's reason when it asked (requests.Request.reason); added in 0.2, see _add_columns.
+    sa.Column("reason", sa.String(500)),
 )
 # Heartbeats of wrapped workers: one row per worker process and study, refreshed while it checks
 # (worker.py) and deleted when it exits. The server asks a trial's worker that has not marked
@@ -1065,10 +1067,11 @@ def _transition_many(conn: sa.Connection, entries: Sequence[AuditEntry]) -> None
 
 def _add_columns(engine: sa.Engine) -> None:
     """Columns added to our tables after their first release, added to a table made before."""
-    have = {column["name"] for column in sa.inspect(engine).get_columns("hitl_audit")}
-    if "reason" not in have:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE hitl_audit ADD COLUMN reason VARCHAR(500)")
+    for table in (audit_t, requests_t):
+        have = {column["name"] for column in sa.inspect(engine).get_columns(table.name)}
+        if "reason" not in have:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN reason VARCHAR(500)")
 
 
 def _set_request_attr(conn: sa.Connection, trial_id: int, value: object | None) -> None:
@@ -1150,6 +1153,7 @@ def _request_row(request: Request) -> dict[str, object]:
         "source": request.source,
         "requested_at": _naive_utc(request.requested_at),
         "deadline": _naive_utc(request.deadline),
+        "reason": request.reason[:500] if request.reason else None,
     }
 
 
@@ -1176,6 +1180,7 @@ def _request(row: sa.Row) -> Request:
         source=row.source,
         requested_at=row.requested_at.replace(tzinfo=datetime.timezone.utc),
         deadline=row.deadline.replace(tzinfo=datetime.timezone.utc),
+        reason=row.reason,
     )
 
 

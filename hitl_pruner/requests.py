@@ -88,6 +88,9 @@ class Request:
     requested_at: datetime.datetime
     # Past this instant (UTC) the sweep forces the state itself.
     deadline: datetime.datetime
+    # The reason the note gave with its command when it asked (Applier.reason_of), kept for
+    # the audit row written when the request settles: the note may be edited before that.
+    reason: str | None = None
 
 
 class Settle(enum.Enum):

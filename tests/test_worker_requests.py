@@ -149,6 +149,27 @@ def test_a_trial_that_has_not_reported_yet_gets_the_grace_period_while_a_wrapped
     assert state(storage_url, fresh2._trial_id) is S.RUNNING
 
 
+def test_the_audit_row_keeps_the_reason_given_when_the_worker_was_asked(
+    storage_url: str,
+) -> None:
+    """Regression: the audit row written when the worker ended its trial read the reason from
+    the note then, and had none when the note had been edited since the request."""
+    study, ids = make_study(storage_url)
+    app = app_for(storage_url, grace=60)
+    tid = ids["running"]
+    mark(storage_url, study._study_id, tid)
+    assert save(app, study._study_id, tid, 1,
+                "loss diverges\nPRUNE").outcome["action"] == "requested"
+    assert save(app, study._study_id, tid, 2,
+                "loss diverges\nPRUNE\n\nlater: it was the data").outcome["action"] == \
+        "nothing to do"
+    RDBStorage(storage_url).set_trial_state_values(tid, S.PRUNED)  # the worker heeds it
+    app.sweeper.run_once()
+    [row] = rows(storage_url, "SELECT * FROM hitl_audit")
+    assert (row.trial_id, row.to_state, row.how, row.note_version, row.reason) == (
+        tid, "PRUNED", "worker", 1, "loss diverges")
+
+
 def test_a_second_command_replaces_the_request_and_the_same_one_is_not_repeated(
     storage_url: str,
 ) -> None:
