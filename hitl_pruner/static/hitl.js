@@ -871,9 +871,14 @@
     table.replaceChildren(...rows);
     table.hidden = rows.length === 0;
     const summary = panel.querySelector(".hitl-bulk-summary");
+    // The dashboard never fetches a finished trial again until the page loads: its note
+    // editor would send the old version (a 409) until then.
+    const finished = !data.dry_run && data.results.some(
+      (r) => r.action === "applied" && r.from && r.from !== "RUNNING" && r.from !== "WAITING");
     summary.textContent = data.dry_run
       ? `Preview (nothing changed yet): ${data.matched} trials match; ${bulkCounts(data.counts)}.`
-      : `Done: ${bulkCounts(data.counts)}.`;
+      : `Done: ${bulkCounts(data.counts)}.${finished
+        ? " Reload the page before you edit those finished trials' notes here." : ""}`;
   };
 
   const bulkApplyButton = (panel) => panel.querySelector(".hitl-bulk-apply");
@@ -933,7 +938,9 @@
           kind: "success",
           action: "bulk",
           title: `${body.action}: ${bulkCounts(data.counts)}`,
-          links: [{ text: "Human actions", href: `${PREFIX}/hitl/actions?study=${bulk.studyId}` }],
+          // Plots, tables and notes of finished trials update only when the page loads again.
+          links: [{ text: "Human actions", href: `${PREFIX}/hitl/actions?study=${bulk.studyId}` },
+            { text: "Reload page", onClick: () => location.reload() }],
         });
       }
     } catch (e) {
