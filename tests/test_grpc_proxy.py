@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Callable
 from typing import Iterator
@@ -27,6 +28,9 @@ import warnings
 
 import optuna
 from optuna.storages import BaseStorage
+
+if TYPE_CHECKING:
+    from optuna.storages import GrpcStorageProxy
 
 
 def open_spec(spec: str) -> BaseStorage:
@@ -68,9 +72,11 @@ from optuna.trial import TrialState  # noqa: E402
 from processes import HOST  # noqa: E402
 from processes import Server  # noqa: E402
 from processes import child_env  # noqa: E402
+from processes import close_proxy  # noqa: E402
 from processes import free_port  # noqa: E402
 from processes import gunicorn_server  # noqa: E402
 from processes import wait_for  # noqa: E402
+from processes import wait_proxy_ready  # noqa: E402
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from test_worker_processes import STEPS  # noqa: E402
@@ -109,11 +115,11 @@ def grpc_proxy(url: str, tmp_path: Path) -> Iterator[str]:
     try:
         client = GrpcStorageProxy(host=HOST, port=port)
         try:
-            client.wait_server_ready(timeout=30)
+            wait_proxy_ready(client, timeout=30)
         except ConnectionError:
             pytest.fail(f"the gRPC proxy did not start\n{log.read_text()}")
         finally:
-            client.close()
+            close_proxy(client)
         yield f"grpc:{HOST}:{port}"
     finally:
         proc.terminate()
@@ -376,3 +382,64 @@ def test_32_workers_behind_the_grpc_proxy_survive_humans_pruning_and_failing(
     assert "hitl-test-proxy" in names, watch.peak
     print(f"\n32 workers x {SCALE_TRIALS} trials through the gRPC proxy: {ran_for:.1f} s; "
           f"peak PostgreSQL connections by application: {watch.peak}")
+
+
+# --- wait_proxy_ready and close_proxy (tests/processes.py) on every Optuna with a proxy ---------
+
+
+def established_to(port: int) -> int:
+    """This machine's ESTABLISHED TCP connections whose far end is ``port`` (Linux /proc)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                remote, state = line.split()[2:4]
+                count += state == "01" and int(remote.rpartition(":")[2], 16) == port
+    return count
+
+
+def new_proxy(port: int) -> GrpcStorageProxy:
+    from optuna.storages import GrpcStorageProxy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return GrpcStorageProxy(host=HOST, port=port)
+
+
+@contextlib.contextmanager
+def proxy_server() -> Iterator[int]:
+    """Optuna's gRPC proxy server over InMemoryStorage in this process; yields its port."""
+    from optuna.storages import InMemoryStorage
+    from optuna.storages._grpc.server import make_server
+
+    port = free_port()
+    server = make_server(InMemoryStorage(), HOST, port)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
+def test_close_proxy_ends_the_proxys_connection() -> None:
+    """close_proxy() ends the connection on Optuna 4.2 too, whose proxy has no close(): a worker
+    or test that closes its proxy leaves no connection to the proxy server behind."""
+    with proxy_server() as port:
+        proxy = new_proxy(port)
+        wait_proxy_ready(proxy, timeout=30)
+        assert proxy.get_all_studies() == []
+        # wait_proxy_ready's own channel (4.3's included) is closed by now, maybe not yet gone.
+        wait_for(lambda: established_to(port) == 1, timeout=5, what="the proxy's connection")
+        close_proxy(proxy)
+        wait_for(lambda: established_to(port) == 0, timeout=5, what="no connection")
+
+
+def test_wait_proxy_ready_raises_connection_error_when_no_proxy_answers() -> None:
+    """On Optuna 4.2 as on 4.3+: ConnectionError, which grpc_proxy() turns into a failure that
+    shows the proxy's log."""
+    proxy = new_proxy(free_port())
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        wait_proxy_ready(proxy, timeout=0.5)
+    assert time.monotonic() - started < 10
+    close_proxy(proxy)
