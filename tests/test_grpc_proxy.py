@@ -151,6 +151,18 @@ def workers(spec: str, study: str, tmp_path: Path, count: int = N_WORKERS,
                 w.proc.wait()
 
 
+def started(procs: list[Worker], observer: BaseStorage, study_id: int) -> bool:
+    """Whether the workers are past their imports: the study has a trial per worker (by count);
+    fails at once if a worker exited before that."""
+    if len(observer.get_all_trials(study_id, deepcopy=False)) >= len(procs):
+        return True
+    for w in procs:
+        if w.proc.poll() is not None:
+            pytest.fail(f"a worker exited with {w.proc.returncode}\n{w.err.read_text()}",
+                        pytrace=False)
+    return False
+
+
 def human_prunes_and_fails(
     spec: str, observer: BaseStorage, study_id: int, put_note: Callable[..., Any],
     audit: Audit, tmp_path: Path, servers: list[Server],
@@ -158,6 +170,11 @@ def human_prunes_and_fails(
     """The scenario every storage goes through; ``observer`` is the test's own view."""
     study_name = observer.get_study_name_from_id(study_id)
     with workers(spec, study_name, tmp_path) as procs:
+        # The workers' interpreters first import Optuna: on 2 CPUs next to the 32-worker test's
+        # interpreters that took 45 s (matrix, Optuna 4.2), more than running_trial's 30 s for
+        # finding a trial mid-run. Interpreter start is not under test: wait for it apart.
+        wait_for(lambda: started(procs, observer, study_id), timeout=300,
+                 what="a trial per worker", servers=servers, interval=0.2)
         taken: set[int] = set()
         pruned = running_trial(observer, study_id, taken, 2, servers)  # type: ignore[arg-type]
         outcome = put_note(study_id, pruned._trial_id, 1, "loss diverges: PRUNE").outcome
