@@ -95,18 +95,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Until the proxy on ``port`` accepts a gRPC connection; exits with its log if it dies or
+    is not ready within ``timeout`` s.
+
+    What GrpcStorageProxy.wait_server_ready does (a channel of its own, ready or not), done here
+    on any Optuna: 4.2 has the proxy but not that method (4.3 added it, with close()).
+    tests/processes.py has wait_proxy_ready() for the tests, which scripts do not import."""
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+        ready = grpc.channel_ready_future(channel)
+        try:
+            while True:
+                try:
+                    ready.result(timeout=0.5)
+                    return
+                except grpc.FutureTimeoutError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"the gRPC proxy did not start:\n{log.read_text()}")
+        finally:
+            ready.cancel()
+
+
 @contextlib.contextmanager
 def proxy(url: str, tmp: Path) -> Iterator[tuple[int, Path]]:
-    from optuna.storages import GrpcStorageProxy
-
     port, counter = free_port(), tmp / "statements"
     log = open(tmp / "proxy.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", PROXY_PROGRAM, url, HOST, str(port),
                              str(counter)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        client = GrpcStorageProxy(host=HOST, port=port)
-        client.wait_server_ready(timeout=60)
-        client.close()
+        wait_ready(port, proc, tmp / "proxy.log", timeout=60)
         yield port, counter
     finally:
         proc.terminate()

@@ -6,6 +6,9 @@ gunicorn.conf.py and its hooks are used) configured through HITL_* variables;
 managers yielding a :class:`Server`: a small HTTP client plus the process and its combined
 stdout/stderr, which is written to a file under the test's tmp_path and stays readable after
 the process has stopped.
+
+``wait_proxy_ready(proxy)`` and ``close_proxy(proxy)`` do what Optuna's ``GrpcStorageProxy``
+methods of those names do (Optuna >= 4.3), on Optuna 4.2 too, which has the proxy but not them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Callable
 from typing import Iterator
@@ -32,6 +36,9 @@ from typing import Sequence
 
 import pytest
 import requests
+
+if TYPE_CHECKING:
+    from optuna.storages import GrpcStorageProxy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -400,3 +407,34 @@ def wait_for(
                 f"timed out after {timeout:.0f} s waiting for {what}\n{logs}", pytrace=False
             )
         time.sleep(interval)
+
+
+def wait_proxy_ready(proxy: GrpcStorageProxy, timeout: float) -> None:
+    """Until the gRPC proxy server ``proxy`` talks to accepts a connection; ConnectionError after
+    ``timeout`` s. ``proxy.wait_server_ready(timeout)`` where Optuna has it (4.3 added it)."""
+    wait_server_ready = getattr(proxy, "wait_server_ready", None)
+    if wait_server_ready is not None:
+        wait_server_ready(timeout=timeout)
+        return
+    import grpc
+
+    # Optuna 4.2: what 4.3's wait_server_ready does, on a channel of its own to the same address
+    # (4.2's proxy keeps it as _host and _port).
+    try:
+        with grpc.insecure_channel(f"{proxy._host}:{proxy._port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError as exc:
+        raise ConnectionError("GRPC connection timeout") from exc
+
+
+def close_proxy(proxy: GrpcStorageProxy) -> None:
+    """Close ``proxy``'s gRPC channel, ending its connection; the proxy is unusable afterwards.
+    ``proxy.close()`` where Optuna has it (4.3 added it)."""
+    close = getattr(proxy, "close", None)
+    if close is not None:
+        close()
+        return
+    # Optuna 4.2 keeps no handle on its channel: it hands grpc.insecure_channel(...) straight to
+    # the stub, and only the stub and the stub's cache hold it. Dropping both frees the channel,
+    # and gRPC closes its connection when it is freed (tests/test_grpc_proxy.py checks that).
+    del proxy._stub, proxy._cache

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Callable
 from typing import Iterator
@@ -27,6 +28,9 @@ import warnings
 
 import optuna
 from optuna.storages import BaseStorage
+
+if TYPE_CHECKING:
+    from optuna.storages import GrpcStorageProxy
 
 
 def open_spec(spec: str) -> BaseStorage:
@@ -68,9 +72,11 @@ from optuna.trial import TrialState  # noqa: E402
 from processes import HOST  # noqa: E402
 from processes import Server  # noqa: E402
 from processes import child_env  # noqa: E402
+from processes import close_proxy  # noqa: E402
 from processes import free_port  # noqa: E402
 from processes import gunicorn_server  # noqa: E402
 from processes import wait_for  # noqa: E402
+from processes import wait_proxy_ready  # noqa: E402
 import pytest  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from test_worker_processes import STEPS  # noqa: E402
@@ -109,11 +115,11 @@ def grpc_proxy(url: str, tmp_path: Path) -> Iterator[str]:
     try:
         client = GrpcStorageProxy(host=HOST, port=port)
         try:
-            client.wait_server_ready(timeout=30)
+            wait_proxy_ready(client, timeout=30)
         except ConnectionError:
             pytest.fail(f"the gRPC proxy did not start\n{log.read_text()}")
         finally:
-            client.close()
+            close_proxy(client)
         yield f"grpc:{HOST}:{port}"
     finally:
         proc.terminate()
@@ -145,6 +151,18 @@ def workers(spec: str, study: str, tmp_path: Path, count: int = N_WORKERS,
                 w.proc.wait()
 
 
+def started(procs: list[Worker], observer: BaseStorage, study_id: int) -> bool:
+    """Whether the workers are past their imports: the study has a trial per worker (by count);
+    fails at once if a worker exited before that."""
+    if len(observer.get_all_trials(study_id, deepcopy=False)) >= len(procs):
+        return True
+    for w in procs:
+        if w.proc.poll() is not None:
+            pytest.fail(f"a worker exited with {w.proc.returncode}\n{w.err.read_text()}",
+                        pytrace=False)
+    return False
+
+
 def human_prunes_and_fails(
     spec: str, observer: BaseStorage, study_id: int, put_note: Callable[..., Any],
     audit: Audit, tmp_path: Path, servers: list[Server],
@@ -152,6 +170,11 @@ def human_prunes_and_fails(
     """The scenario every storage goes through; ``observer`` is the test's own view."""
     study_name = observer.get_study_name_from_id(study_id)
     with workers(spec, study_name, tmp_path) as procs:
+        # The workers' interpreters first import Optuna: on 2 CPUs next to the 32-worker test's
+        # interpreters that took 45 s (matrix, Optuna 4.2), more than running_trial's 30 s for
+        # finding a trial mid-run. Interpreter start is not under test: wait for it apart.
+        wait_for(lambda: started(procs, observer, study_id), timeout=300,
+                 what="a trial per worker", servers=servers, interval=0.2)
         taken: set[int] = set()
         pruned = running_trial(observer, study_id, taken, 2, servers)  # type: ignore[arg-type]
         outcome = put_note(study_id, pruned._trial_id, 1, "loss diverges: PRUNE").outcome
@@ -376,3 +399,64 @@ def test_32_workers_behind_the_grpc_proxy_survive_humans_pruning_and_failing(
     assert "hitl-test-proxy" in names, watch.peak
     print(f"\n32 workers x {SCALE_TRIALS} trials through the gRPC proxy: {ran_for:.1f} s; "
           f"peak PostgreSQL connections by application: {watch.peak}")
+
+
+# --- wait_proxy_ready and close_proxy (tests/processes.py) on every Optuna with a proxy ---------
+
+
+def established_to(port: int) -> int:
+    """This machine's ESTABLISHED TCP connections whose far end is ``port`` (Linux /proc)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                remote, state = line.split()[2:4]
+                count += state == "01" and int(remote.rpartition(":")[2], 16) == port
+    return count
+
+
+def new_proxy(port: int) -> GrpcStorageProxy:
+    from optuna.storages import GrpcStorageProxy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return GrpcStorageProxy(host=HOST, port=port)
+
+
+@contextlib.contextmanager
+def proxy_server() -> Iterator[int]:
+    """Optuna's gRPC proxy server over InMemoryStorage in this process; yields its port."""
+    from optuna.storages import InMemoryStorage
+    from optuna.storages._grpc.server import make_server
+
+    port = free_port()
+    server = make_server(InMemoryStorage(), HOST, port)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
+def test_close_proxy_ends_the_proxys_connection() -> None:
+    """close_proxy() ends the connection on Optuna 4.2 too, whose proxy has no close(): a worker
+    or test that closes its proxy leaves no connection to the proxy server behind."""
+    with proxy_server() as port:
+        proxy = new_proxy(port)
+        wait_proxy_ready(proxy, timeout=30)
+        assert proxy.get_all_studies() == []
+        # wait_proxy_ready's own channel (4.3's included) is closed by now, maybe not yet gone.
+        wait_for(lambda: established_to(port) == 1, timeout=5, what="the proxy's connection")
+        close_proxy(proxy)
+        wait_for(lambda: established_to(port) == 0, timeout=5, what="no connection")
+
+
+def test_wait_proxy_ready_raises_connection_error_when_no_proxy_answers() -> None:
+    """On Optuna 4.2 as on 4.3+: ConnectionError, which grpc_proxy() turns into a failure that
+    shows the proxy's log."""
+    proxy = new_proxy(free_port())
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        wait_proxy_ready(proxy, timeout=0.5)
+    assert time.monotonic() - started < 10
+    close_proxy(proxy)

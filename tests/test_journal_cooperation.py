@@ -28,7 +28,9 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState as S
 from processes import HOST
+from processes import close_proxy
 from processes import free_port
+from processes import wait_proxy_ready
 import pytest
 
 import hitl_pruner
@@ -71,8 +73,8 @@ def _served(request: pytest.FixtureRequest, tmp_path: Any,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = GrpcStorageProxy(host=HOST, port=port)
-        storage.wait_server_ready(timeout=30)
-        stack.callback(storage.close)
+        wait_proxy_ready(storage, timeout=30)
+        stack.callback(close_proxy, storage)
         server_storage = url
     return storage, hitl_pruner.wsgi(server_storage, autostart=False, grace=60)
 
