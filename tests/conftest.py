@@ -36,7 +36,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 # The tests that drive Chromium, by module, in CHROMIUM_LANES lanes of about equal time (from
-# --durations on a 2-core machine); a module not named here takes the first lane.
+# --durations on a 2-core machine); a module not named here takes the first lane. The
+# 32-worker proxy test joins lane 1 by its own marker, to stay off test_browser_live's time.
 CHROMIUM_LANES = 2
 CHROMIUM_LANE = {
     "test_browser_live": 1,

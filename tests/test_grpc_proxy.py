@@ -342,10 +342,10 @@ class ConnectionWatch:
         self._engine.dispose()
 
 
-# In the Chromium tests' worker (tests/conftest.py), one after the other: 32 interpreters
-# starting at once take both CPUs for a while, and a page's "within a second" next to them
-# would measure that instead of hitl-pruner.
-@pytest.mark.xdist_group("chromium")
+# In the Chromium lane of test_browser_live (tests/conftest.py), one after the other: 32
+# interpreters starting at once take both CPUs for a while, and a page's "within a second"
+# next to them would measure that instead of hitl-pruner.
+@pytest.mark.xdist_group("chromium-1")
 def test_32_workers_behind_the_grpc_proxy_survive_humans_pruning_and_failing(
     postgres_url: str, tmp_path: Path
 ) -> None:
