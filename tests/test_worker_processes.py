@@ -154,6 +154,10 @@ def running_trial(storage: RDBStorage, study_id: int, taken: set[int], min_steps
                 return t
         return None
 
+    # The workers' start-up (importing Optuna) is not what the 30 s below allow for: next to
+    # test_grpc_proxy's 32 workers starting at once, on 2 cores, it took 45 s.
+    wait_for(lambda: storage.get_all_trials(study_id, deepcopy=False), timeout=300,
+             what="the workers' first trial", servers=servers, interval=0.05)
     trial = wait_for(find, timeout=30, what="a running trial to act on", servers=servers,
                      interval=0.05)
     taken.add(trial._trial_id)
