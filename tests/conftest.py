@@ -45,6 +45,7 @@ CHROMIUM_LANE = {
     "test_browser_actions": 1,
     "test_study_stop": 1,
     "test_cli": 1,
+    "test_browser_nginx": 1,
 }
 
 
