@@ -20,10 +20,6 @@ import contextlib
 import csv
 import os
 from pathlib import Path
-import shutil
-import signal
-import subprocess
-import time
 from typing import Any
 from typing import Callable
 from typing import Iterator
@@ -33,9 +29,6 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from optuna_dashboard._note import get_note_from_system_attrs
-from processes import HOST
-from processes import Server
-from processes import free_port
 from processes import gunicorn_server
 from processes import wait_for
 import pytest
@@ -49,10 +42,7 @@ from test_browser import seed
 from test_browser import state_of
 from test_browser_bulk import study_of
 from test_proxy import PREFIX
-from test_proxy import PROXY_CONF
-from test_proxy import SITE
-from test_proxy import Nginx
-from test_proxy import nginx_binary
+from test_proxy import nginx
 from test_proxy import unit_command
 
 import hitl_pruner
@@ -81,95 +71,6 @@ def healthy(base: str) -> bool:
 
 
 @contextlib.contextmanager
-def nginx(upstream: Server, tmp_path: Path) -> Iterator[Nginx]:
-    """nginx in the foreground with scripts/nginx/hitl-pruner.conf in front of ``upstream``.
-
-    A copy of test_proxy.nginx() but for one line: that one waits for ``GET /api/meta`` to
-    answer 200 through nginx, which basic auth answers 401; this one asks the health probe."""
-    binary = nginx_binary()
-    root = tmp_path / "nginx"
-    conf = root / "conf"
-    conf.mkdir(parents=True)
-    shutil.copy(PROXY_CONF, conf / PROXY_CONF.name)
-    temp = "\n".join(
-        f"    {kind}_temp_path {root / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    (conf / "nginx.conf").write_text(
-        ("user root;\n" if os.geteuid() == 0 else "")
-        + f"error_log {root / 'error.log'} info;\n"
-        "events { worker_connections 256; }\n"
-        "http {\n"
-        f"    access_log {root / 'access.log'};\n"
-        f"{temp}\n"
-        f"    include {SITE.name};\n"
-        "}\n"
-    )
-    log = open(root / "stdout.log", "wb")
-    proc: subprocess.Popen[bytes] | None = None
-
-    def describe() -> str:
-        parts = [f"nginx returncode {proc and proc.poll()}"]
-        for name in ("stdout.log", "error.log"):
-            with contextlib.suppress(FileNotFoundError):
-                parts.append(f"--- {name} ---\n{(root / name).read_text()[-4000:]}")
-        return "\n".join(parts)
-
-    def start(port: int) -> subprocess.Popen[bytes]:
-        site = SITE.read_text()
-        for placeholder, value in {
-            "@UPSTREAM@": f"{HOST}:{upstream.port}",
-            "@LISTEN@": f"{HOST}:{port}",
-            "@NAME@": "localhost",
-        }.items():
-            assert placeholder in site
-            site = site.replace(placeholder, value)
-        (conf / SITE.name).write_text(site)
-        return subprocess.Popen(
-            [binary, "-c", str(conf / "nginx.conf"), "-p", str(root),
-             "-g", f"daemon off; pid {root / 'nginx.pid'};"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def said(text: str) -> int:
-        with contextlib.suppress(FileNotFoundError):
-            return (root / "error.log").read_text().count(text)
-        return 0
-
-    # Another test's server can take the port between free_port() and nginx's bind: nginx then
-    # starts again on another port. Until nginx says it has bound its port, an answer on that
-    # port may come from that other server: no request before.
-    try:
-        for attempt in range(3):
-            taken, bound = said("Address already in use"), said("start worker processes")
-            port = free_port()
-            proc = start(port)
-            proxy = Nginx(port)
-            deadline = time.monotonic() + 15
-            while proc.poll() is None:
-                if said("start worker processes") > bound and healthy(proxy.base + PREFIX):
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"nginx did not answer\n{describe()}", pytrace=False)
-                time.sleep(0.1)
-            if proc.poll() is None:
-                break
-            if said("Address already in use") == taken or attempt == 2:
-                pytest.fail(f"nginx stopped\n{describe()}", pytrace=False)
-        yield proxy
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
-
-
-@contextlib.contextmanager
 def behind_nginx(url: str, tmp_path: Path) -> Iterator[str]:
     """gunicorn as the unit runs it, with basic auth, behind nginx: yields ``http://nginx/optuna``."""
     args, env = unit_command()
@@ -178,7 +79,8 @@ def behind_nginx(url: str, tmp_path: Path) -> Iterator[str]:
     with gunicorn_server(url, tmp_path, args=args, env=env, ready="none") as server:
         wait_for(lambda: healthy(server.base), timeout=30, what="gunicorn's health probe",
                  servers=[server])
-        with nginx(server, tmp_path) as proxy:
+        # Basic auth answers 401 to /api/meta: the health probe is open.
+        with nginx(server, tmp_path, ready=lambda p: healthy(p.base + PREFIX)) as proxy:
             yield proxy.base + PREFIX
 
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 from typing import Any
+from typing import Callable
 from typing import Iterator
 
 from backends import unavailable
@@ -101,9 +102,18 @@ class Nginx:
         return self.request("GET", path, **kwargs)
 
 
+def _answers_meta(proxy: Nginx) -> bool:
+    try:
+        return proxy.get("/api/meta").status == 200
+    except requests.RequestException:
+        return False
+
+
 @contextlib.contextmanager
-def nginx(upstream: Server, tmp_path: Path) -> Iterator[Nginx]:
-    """nginx in the foreground with scripts/nginx/hitl-pruner.conf in front of ``upstream``."""
+def nginx(upstream: Server, tmp_path: Path,
+          ready: Callable[[Nginx], bool] = _answers_meta) -> Iterator[Nginx]:
+    """nginx in the foreground with scripts/nginx/hitl-pruner.conf in front of ``upstream``;
+    yielded once ``ready(proxy)`` (by default: ``GET /api/meta`` answers 200 through it)."""
     binary = nginx_binary()
     root = tmp_path / "nginx"
     conf = root / "conf"
@@ -168,12 +178,8 @@ def nginx(upstream: Server, tmp_path: Path) -> Iterator[Nginx]:
             proxy = Nginx(port)
             deadline = time.monotonic() + 15
             while proc.poll() is None:
-                if said("start worker processes") > bound:
-                    try:
-                        if proxy.get("/api/meta").status == 200:
-                            break
-                    except requests.RequestException:
-                        pass
+                if said("start worker processes") > bound and ready(proxy):
+                    break
                 if time.monotonic() > deadline:
                     pytest.fail(f"nginx did not answer\n{describe()}", pytrace=False)
                 time.sleep(0.1)
