@@ -131,10 +131,8 @@ class DatabaseState:
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._down_since: float | None = None
-
-    @property
-    def down(self) -> bool:
-        return self._down_since is not None
+        # A plain attribute, read by every request: True from failed() to answered().
+        self.down = False
 
     def failed(self, exc: BaseException) -> None:
         """The database did not answer (``exc`` is an :func:`unavailable` error)."""
@@ -142,6 +140,7 @@ class DatabaseState:
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
+            self.down = True
         logger.warning(
             "database unavailable (%s); requests that need it get 503 until it is back",
             describe(exc),
@@ -151,6 +150,7 @@ class DatabaseState:
         """The database answered."""
         with self._guard:
             since, self._down_since = self._down_since, None
+            self.down = False
         if since is not None:
             logger.info("database back after %.1f s", time.monotonic() - since)
 
@@ -256,11 +256,13 @@ class OutageMiddleware:
 class _Deferred:
     """A start_response that holds back a 500 until we know whether it was an outage."""
 
+    # Class defaults: one of these is built per request, so __init__ sets one attribute.
+    started = False
+    held: tuple[str, list[tuple[str, str]], Any] | None = None
+    _write: Callable[[bytes], object] | None = None
+
     def __init__(self, start_response: StartResponse) -> None:
         self._start_response = start_response
-        self.started = False
-        self.held: tuple[str, list[tuple[str, str]], Any] | None = None
-        self._write: Callable[[bytes], object] | None = None
 
     def __call__(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None

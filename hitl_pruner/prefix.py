@@ -18,7 +18,8 @@ any other layer reads the environ it sets:
 The scheme (``wsgi.url_scheme`` from X-Forwarded-Proto) is gunicorn's job:
 ``secure_scheme_headers``, from the same ``forwarded_allow_ips``. A prefix that is not a
 plain path (``/a/b``: letters, digits, ``-._~``) is ignored. The original values are kept
-under ``environ["hitl_pruner.proxy.orig"]``.
+under ``environ["hitl_pruner.proxy.orig"]`` (``SCRIPT_NAME`` and ``PATH_INFO``, ``""`` when the
+server set none, and the forwarded headers it had).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ FORWARDED = (
     "HTTP_X_FORWARDED_HOST",
     "HTTP_X_FORWARDED_PREFIX",
 )
+FORWARDED_KEYS = frozenset(FORWARDED)
 ORIG_KEY = "hitl_pruner.proxy.orig"
 # Verdicts on client addresses, kept per middleware: parsing an address with ipaddress costs
 # more than the rest of our request path together, and a server sees few distinct peers.
@@ -94,24 +96,26 @@ class ProxyMiddleware:
         return getattr(self.application, name)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        environ[ORIG_KEY] = {
-            key: environ[key]
-            for key in ("SCRIPT_NAME", "PATH_INFO", *FORWARDED)
-            if key in environ
-        }
-        trusted = self._is_trusted(environ.get("REMOTE_ADDR", ""))
-        if not trusted:
-            for key in FORWARDED:
-                environ.pop(key, None)
-        prefix = self.root_path or environ.get("SCRIPT_NAME", "").rstrip("/")
-        if not prefix and trusted and "HTTP_X_FORWARDED_PREFIX" in environ:
-            # A list when proxies chain; the first is the outermost, what the browser sees.
-            raw = environ["HTTP_X_FORWARDED_PREFIX"].split(",")[0]
-            cleaned = clean_prefix(raw)
-            if cleaned is None:
-                logger.warning("ignored X-Forwarded-Prefix %r: not a path like /optuna", raw)
-            prefix = cleaned or ""
+        # Every request passes here: the common one (no X-Forwarded-*, no prefix) costs a few
+        # dictionary reads. The intersection walks the four names, not the environ.
+        script_name = environ.get("SCRIPT_NAME", "")
         path = environ.get("PATH_INFO", "")
+        orig = environ[ORIG_KEY] = {"SCRIPT_NAME": script_name, "PATH_INFO": path}
+        prefix = self.root_path or (script_name.rstrip("/") if script_name else "")
+        forwarded = environ.keys() & FORWARDED_KEYS
+        if forwarded:
+            for key in forwarded:
+                orig[key] = environ[key]
+            if not self._is_trusted(environ.get("REMOTE_ADDR", "")):
+                for key in forwarded:
+                    del environ[key]
+            elif not prefix and "HTTP_X_FORWARDED_PREFIX" in forwarded:
+                # A list when proxies chain; the first is the outermost, what the browser sees.
+                raw = environ["HTTP_X_FORWARDED_PREFIX"].split(",")[0]
+                cleaned = clean_prefix(raw)
+                if cleaned is None:
+                    logger.warning("ignored X-Forwarded-Prefix %r: not a path like /optuna", raw)
+                prefix = cleaned or ""
         if prefix and (path == prefix or path.startswith(prefix + "/")):
             path = path[len(prefix):]
         environ["SCRIPT_NAME"] = prefix
