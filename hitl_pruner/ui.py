@@ -227,6 +227,9 @@ class UiMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if path.startswith(NEVER_THE_PAGE) and not environ.get("SCRIPT_NAME"):
+            # The API and the bundle, most requests: at the root, nothing of ours.
+            return self.application(environ, start_response)
         method = environ.get("REQUEST_METHOD", "GET")
         if path.startswith("/hitl/"):
             if path == "/hitl/actions/":
