@@ -654,10 +654,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, default=None,
                         help="idle CPU window (default 20; 10 quick)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="pass-through rounds (default 12; 4 quick)")
+                        help="pass-through rounds (default 24; 4 quick)")
     parser.add_argument("--leg", type=float, default=None,
                         help="seconds of requests per server per round and endpoint "
-                        "(default 1.0; 0.4 quick)")
+                        "(default 0.6; 0.4 quick)")
     parser.add_argument("--cache-leg", type=float, default=None,
                         help="seconds per leg on the study detail endpoints, under the "
                         f"dashboard's {CACHE_TTL:.0f} s cache TTL (default 9.0; 4.5 quick)")
@@ -685,12 +685,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.trials = args.trials or (10_000 if quick else 100_000)
     args.idle_seconds = args.idle_seconds or (10.0 if quick else 20.0)
-    args.rounds = args.rounds or (4 if quick else 12)
+    args.rounds = args.rounds or (4 if quick else 24)
     args.cache_leg = args.cache_leg or (4.5 if quick else 0.9 * CACHE_TTL)
     args.cache_rounds = args.cache_rounds or (3 if quick else 6)
     if args.cache_leg >= CACHE_TTL:
         parser.error(f"--cache-leg must be under the cache's {CACHE_TTL:.0f} s")
-    args.leg = args.leg or (0.4 if quick else 1.0)
+    args.leg = args.leg or (0.4 if quick else 0.6)
     args.save_rounds = args.save_rounds or (3 if quick else 5)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
