@@ -17,9 +17,12 @@ from pathlib import Path
 import re
 import time
 from typing import Any
+from typing import Callable
 from typing import Iterator
 from typing import Sequence
+import uuid
 
+from backends import database
 from helpers import make_study
 import optuna
 from optuna.storages import RDBStorage
@@ -93,12 +96,16 @@ SPREAD_OTHER_WAY = [("serve", "sqlite"), ("gunicorn", "postgresql"), ("serve", "
 
 
 class Db:
-    """The test's own view of the database, independent of the server under test."""
+    """The test's own view of the database, independent of the server under test.
 
-    def __init__(self, url: str) -> None:
+    On a shared server's database (``shared``), ``studies`` are the test's own: audit() and
+    pending() then count their rows only."""
+
+    def __init__(self, url: str, studies: Sequence[str] = ()) -> None:
         self.url = url
         self.storage = RDBStorage(url)
         self.engine: sa.Engine = self.storage.engine
+        self.studies = list(studies)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -124,9 +131,20 @@ class Db:
         study = optuna.load_study(study_name=study_name, storage=self.storage)
         save_note(optuna.Trial(study, trial_id), body)
 
+    def _scope(self) -> tuple[str, dict[str, Any]]:
+        """A WHERE clause on study_id for the test's own studies, if it named them."""
+        if not self.studies:
+            return "", {}
+        ids = {f"s{i}": self.storage.get_study_id_from_name(name)
+               for i, name in enumerate(self.studies)}
+        return " WHERE study_id IN (" + ", ".join(f":{k}" for k in ids) + ")", ids
+
     def audit(self) -> list[dict[str, Any]]:
+        where, params = self._scope()
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.text("SELECT * FROM hitl_audit ORDER BY id")).mappings().all()
+            rows = conn.execute(
+                sa.text(f"SELECT * FROM hitl_audit{where} ORDER BY id"), params
+            ).mappings().all()
         return [
             {**row, "retroactive": bool(row["retroactive"]), "is_undo": bool(row["is_undo"])}
             for row in rows
@@ -134,8 +152,11 @@ class Db:
 
     def pending(self) -> int:
         """Rows in the sweep's queue: 0 once the sweep has consumed every note written."""
+        where, params = self._scope()
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.text("SELECT COUNT(*) FROM hitl_note_changes")).scalar_one())
+            return int(conn.execute(
+                sa.text(f"SELECT COUNT(*) FROM hitl_note_changes{where}"), params
+            ).scalar_one())
 
 
 @pytest.fixture
@@ -206,6 +227,94 @@ def _launch(
     return serve_server(url, tmp_path, args=args, env=env, interval=interval, ready=ready)
 
 
+# The tests that need no fresh process of their own (no start-up, restart, fork, lock or
+# setting under test) share one server per (entry point, backend, interval), started when its
+# first test asks and stopped at the end of the module. Each test still has studies of its own,
+# under names no other test uses, and looks only at them: its audit rows and queue (Db's
+# studies), and the server's log from the moment it began (Since). They run in one xdist
+# worker, one after the other, so a server serves one test at a time.
+SHARED = pytest.mark.xdist_group("e2e-shared")
+
+
+class Since(Server):
+    """``server`` as one test sees it: the same process, its log from now on."""
+
+    def __init__(self, server: Server) -> None:
+        self.__dict__.update(server.__dict__)
+        self._offset = len(server.output)
+
+    @property
+    def output(self) -> str:
+        return super().output[self._offset:]
+
+
+class SharedServers:
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp_path = tmp_path
+        self._stack = contextlib.ExitStack()
+        self._servers: dict[tuple[str, str, float], tuple[Server, str]] = {}
+
+    def get(self, launcher: str, backend: str, interval: float) -> tuple[Server, str]:
+        """The running server and its database's URL, started on first use."""
+        key = (launcher, backend, interval)
+        if key not in self._servers:
+            url = self._stack.enter_context(database(backend, self._tmp_path))
+            server = self._stack.enter_context(
+                launch(launcher, url, self._tmp_path, interval=interval)
+            )
+            self._servers[key] = (server, url)
+        server, url = self._servers[key]
+        server.check_alive()
+        return server, url
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture(scope="module")
+def shared_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServers]:
+    servers = SharedServers(tmp_path_factory.mktemp("e2e-shared"))
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
+def shared_pairs(*items: tuple[str, str]) -> pytest.MarkDecorator:
+    """Parametrize (launcher, backend) for a test on a shared server."""
+    return pytest.mark.parametrize(
+        ("launcher", "backend"),
+        [pytest.param(launcher, backend, id=f"{launcher}-{backend}")
+         for launcher, backend in items],
+    )
+
+
+def unique(name: str) -> str:
+    """A study name no other test on a shared server uses."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def shared(shared_servers: SharedServers) -> Iterator[Callable[..., Any]]:
+    """``shared(launcher, backend, interval, *studies)``: a context giving this test's view
+    of that shared server (Since) and a Db scoped to ``studies``, closed after the test."""
+    dbs: list[Db] = []
+
+    @contextlib.contextmanager
+    def use(launcher: str, backend: str, interval: float, *studies: str) -> Iterator[
+        tuple[Since, Db]
+    ]:
+        server, url = shared_servers.get(launcher, backend, interval)
+        dbs.append(Db(url, studies))
+        yield Since(server), dbs[-1]
+
+    try:
+        yield use
+    finally:
+        for db in dbs:
+            db.close()
+
+
 def changes_logged(server: Server) -> list[dict[str, str]]:
     return [m.groupdict() for m in CHANGED.finditer(server.output)]
 
@@ -224,18 +333,20 @@ def outcome(
 
 
 # serve meets PostgreSQL and MariaDB in the tests below.
-@pairs(
+@SHARED
+@shared_pairs(
     ("gunicorn", "sqlite"), ("gunicorn", "postgresql"), ("gunicorn", "mysql"), ("serve", "sqlite")
 )
 def test_note_save_prunes_running_trial_at_once(
-    launcher: str, storage_url: str, db: Db, tmp_path: Path
+    launcher: str, backend: str, shared: Callable[..., Any]
 ) -> None:
-    study, ids = make_study(storage_url)
-    sid, tid = study._study_id, ids["running"]
-    # With 100 trials or more the dashboard keeps a study's trials for 5 s (2 s below).
-    for _ in range(100):
-        db.storage.create_new_trial(sid)
-    with launch(launcher, storage_url, tmp_path, interval=SWEEP_IDLE) as server:
+    name = unique("s")
+    with shared(launcher, backend, SWEEP_IDLE, name) as (server, db):
+        study, ids = make_study(db.url, name)
+        sid, tid = study._study_id, ids["running"]
+        # With 100 trials or more the dashboard keeps a study's trials for 5 s (2 s below).
+        for _ in range(100):
+            db.storage.create_new_trial(sid)
         started = time.monotonic()
         before = server.trial_states(sid)  # fills the dashboard's trial cache
         reply = server.put_note(sid, tid, 1, "loss diverged at step 3\n\nPRUNE")
@@ -293,21 +404,23 @@ def test_note_save_outcome_is_true_while_the_sweep_runs(
 # 2. ----------------------------------------------------------------------------------------
 
 
-@pairs(*SPREAD)
+@SHARED
+@shared_pairs(*SPREAD)
 def test_sweep_applies_notes_saved_by_a_script(
-    launcher: str, storage_url: str, db: Db, tmp_path: Path
+    launcher: str, backend: str, shared: Callable[..., Any]
 ) -> None:
-    study, ids = make_study(storage_url)
-    sid = study._study_id
-    failed, pruned = ids["running"], ids["running2"]
-    # Longer than the sweep reads in one query (8 chunks of 2045 characters): the command is at
-    # the very end.
-    long_note = "the validation curve looks odd. " * 700 + "\nPRUNE"
-    assert len(long_note) > 8 * 2045
-    with launch(launcher, storage_url, tmp_path) as server:
+    name = unique("s")
+    with shared(launcher, backend, INTERVAL, name) as (server, db):
+        study, ids = make_study(db.url, name)
+        sid = study._study_id
+        failed, pruned = ids["running"], ids["running2"]
+        # Longer than the sweep reads in one query (8 chunks of 2045 characters): the command
+        # is at the very end.
+        long_note = "the validation curve looks odd. " * 700 + "\nPRUNE"
+        assert len(long_note) > 8 * 2045
         assert server.trial_states(sid)[failed] == "Running"
-        db.save_note("s", failed, "NaN in the loss: FAIL")
-        db.save_note("s", pruned, long_note)
+        db.save_note(name, failed, "NaN in the loss: FAIL")
+        db.save_note(name, pruned, long_note)
         wait_for(
             lambda: db.states([failed, pruned])
             == {failed: TrialState.FAIL, pruned: TrialState.PRUNED},
@@ -321,6 +434,9 @@ def test_sweep_applies_notes_saved_by_a_script(
         wait_for(shown, timeout=5, what="the dashboard to show the new states", servers=[server])
         wait_for(lambda: db.pending() == 0, timeout=10, what="the sweep to empty its queue",
                  servers=[server])
+        # The sweep logs each change just after its commit; the server goes on running.
+        wait_for(lambda: len(changes_logged(server)) >= 2, timeout=5,
+                 what="the sweep to log both changes", servers=[server])
         assert_no_traceback(server)
 
     rows = db.audit()
@@ -339,16 +455,18 @@ def test_sweep_applies_notes_saved_by_a_script(
 # 3. ----------------------------------------------------------------------------------------
 
 
-@pairs(*SPREAD_OTHER_WAY)
+@SHARED
+@shared_pairs(*SPREAD_OTHER_WAY)
 def test_retroactive_fail_and_undo_over_http(
-    launcher: str, storage_url: str, db: Db, tmp_path: Path
+    launcher: str, backend: str, shared: Callable[..., Any]
 ) -> None:
-    study, ids = make_study(storage_url)
-    sid, tid = study._study_id, ids["complete"]
-    original = db.trial(tid)
-    assert original.state == TrialState.COMPLETE and original.values == [0.1]
+    name = unique("s")
+    with shared(launcher, backend, SWEEP_IDLE, name) as (server, db):
+        study, ids = make_study(db.url, name)
+        sid, tid = study._study_id, ids["complete"]
+        original = db.trial(tid)
+        assert original.state == TrialState.COMPLETE and original.values == [0.1]
 
-    with launch(launcher, storage_url, tmp_path, interval=SWEEP_IDLE) as server:
         first = server.put_note(sid, tid, 1, "test data leaked into training: FAIL")
         failed = server.trial_detail(sid, tid)
         while_failed = db.trial(tid)
@@ -517,12 +635,19 @@ def test_study_filter(launcher: str, storage_url: str, db: Db, tmp_path: Path) -
 # 7. ----------------------------------------------------------------------------------------
 
 
-@pairs(*SPREAD)
+@SHARED
+@shared_pairs(*SPREAD)
 def test_bad_requests_change_nothing(
-    launcher: str, storage_url: str, db: Db, tmp_path: Path
+    launcher: str, backend: str, shared: Callable[..., Any]
 ) -> None:
-    a, ids_a = make_study(storage_url, "a")
-    b, ids_b = make_study(storage_url, "b")
+    name_a, name_b = unique("a"), unique("b")
+    with shared(launcher, backend, INTERVAL, name_a, name_b) as (server, db):
+        _bad_requests_change_nothing(server, db, name_a, name_b)
+
+
+def _bad_requests_change_nothing(server: Server, db: Db, name_a: str, name_b: str) -> None:
+    a, ids_a = make_study(db.url, name_a)
+    b, ids_b = make_study(db.url, name_b)
     sa_id, sb_id, tid = a._study_id, b._study_id, ids_a["running"]
     note_path = f"/api/studies/{sa_id}/{tid}/note"
     all_ids = [*ids_a.values(), *ids_b.values()]
@@ -552,15 +677,14 @@ def test_bad_requests_change_nothing(
         ("1 MB note", note_path, json_body({"version": 1, "body": one_mb}), 413,
          "the note is too long"),
     ]
-    with launch(launcher, storage_url, tmp_path) as server:
-        replies = {name: server.put_raw(path, data) for name, path, data, _, _ in cases}
+    replies = {name: server.put_raw(path, data) for name, path, data, _, _ in cases}
 
-        # The version check is the dashboard's: a stale version gets its 409 and current note.
-        looked = server.put_note(sa_id, tid, 1, "first look: fine")
-        stale = server.put_note(sa_id, tid, 1, "PRUNE")
-        wait_for(lambda: db.pending() == 0, timeout=10, what="the sweep to empty its queue",
-                 servers=[server])
-        assert_no_traceback(server)
+    # The version check is the dashboard's: a stale version gets its 409 and current note.
+    looked = server.put_note(sa_id, tid, 1, "first look: fine")
+    stale = server.put_note(sa_id, tid, 1, "PRUNE")
+    wait_for(lambda: db.pending() == 0, timeout=10, what="the sweep to empty its queue",
+             servers=[server])
+    assert_no_traceback(server)
 
     for name, _, _, status, reason in cases:
         reply = replies[name]
@@ -781,13 +905,17 @@ def test_gunicorn_stops_on_a_bad_setting(gunicorn_args: list[str], tmp_path: Pat
 # 10. ---------------------------------------------------------------------------------------
 
 
-@pairs(("gunicorn", "sqlite"), ("serve", "sqlite"))
+@SHARED
+@shared_pairs(("gunicorn", "sqlite"), ("serve", "sqlite"))
 def test_everything_else_passes_through(
-    launcher: str, storage_url: str, db: Db, tmp_path: Path
+    launcher: str, backend: str, shared: Callable[..., Any]
 ) -> None:
-    study, ids = make_study(storage_url)
-    sid = study._study_id
-    with launch(launcher, storage_url, tmp_path, interval=SWEEP_IDLE) as server:
+    name = unique("s")
+    with shared(launcher, backend, SWEEP_IDLE, name) as (server, db):
+        study, ids = make_study(db.url, name)
+        sid = study._study_id
+        # Every study in the database, the other tests' on this shared server included.
+        every_study = sorted(s.study_name for s in db.storage.get_all_studies())
         root = server.get("/")
         page = server.get("/dashboard")
         deep_link = server.get(f"/dashboard/studies/{sid}")
@@ -823,7 +951,7 @@ def test_everything_else_passes_through(
     assert "javascript" in bundle.headers["Content-Type"]
     assert len(bundle.content) > 100_000
 
-    assert [s["study_name"] for s in studies["study_summaries"]] == ["s"]
+    assert sorted(s["study_name"] for s in studies["study_summaries"]) == every_study
 
     assert told.status == 204 and "X-Hitl-Outcome" not in told.headers, told
     assert detail["state"] == "Complete" and detail["values"] == [1.5]
