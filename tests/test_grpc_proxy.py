@@ -97,6 +97,8 @@ PROXY_PROGRAM = (
 )
 N_WORKERS = 2
 N_TRIALS = 3
+# A process's start-up (imports) is waited for while it lives; this bounds a hang.
+START_UP = 300
 Audit = Callable[[], list[tuple[int, str, str, str]]]
 
 
@@ -115,9 +117,17 @@ def grpc_proxy(url: str, tmp_path: Path) -> Iterator[str]:
     try:
         client = GrpcStorageProxy(host=HOST, port=port)
         try:
-            wait_proxy_ready(client, timeout=30)
-        except ConnectionError:
-            pytest.fail(f"the gRPC proxy did not start\n{log.read_text()}")
+            # Start-up is importing Optuna and gRPC, which next to the suite's other processes
+            # took over 30 s: wait as long as the process lives, and fail at once if it dies.
+            deadline = time.monotonic() + START_UP
+            while True:
+                try:
+                    wait_proxy_ready(client, timeout=5)
+                    break
+                except ConnectionError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        state = "exited" if proc.poll() is not None else "did not start"
+                        pytest.fail(f"the gRPC proxy {state}\n{log.read_text()}")
         finally:
             close_proxy(client)
         yield f"grpc:{HOST}:{port}"

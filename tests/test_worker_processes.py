@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -23,6 +24,9 @@ import pytest
 
 STEP_SECONDS = 0.05
 STEPS = 40  # two seconds a trial: time for the test to pick a running trial and act on it
+# While the file named by this variable exists, trials wait at this step (workers(gate=...)).
+GATE_ENV = "HITL_TEST_GATE"
+GATE_STEP = 2
 INTERVAL = 0.2
 
 
@@ -43,6 +47,7 @@ def worker_main(mode: str, url: str | optuna.storages.BaseStorage, study_name: s
     )
     study = optuna.load_study(study_name=study_name, storage=url, pruner=pruner)
     ran: list[int] = []
+    gate = os.environ.get(GATE_ENV)
 
     if mode == "asktell":
         # The shape of a coordinator that hands trials out and collects results.
@@ -77,6 +82,12 @@ def worker_main(mode: str, url: str | optuna.storages.BaseStorage, study_name: s
                 trial.report(step / steps, step)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
+                while step == GATE_STEP and gate is not None and os.path.exists(gate):
+                    # Held until the test is done acting, asking all the while, so that no
+                    # trial it picked can finish first however slow the machine.
+                    if trial.should_prune():
+                        raise optuna.TrialPruned()
+                    time.sleep(STEP_SECONDS)
                 if mode == "hung" and step == 1:
                     time.sleep(600)  # stuck in a step: never calls should_prune() again
                 time.sleep(STEP_SECONDS)
@@ -123,15 +134,18 @@ class Worker:
 
 @contextlib.contextmanager
 def workers(mode: str, url: str, study: str, count: int, n_trials: int,
-            tmp_path: Path) -> Iterator[list[Worker]]:
+            tmp_path: Path, gate: Path | None = None) -> Iterator[list[Worker]]:
     started = []
+    env = child_env()
+    if gate is not None:
+        env[GATE_ENV] = str(gate)
     try:
         for i in range(count):
             out, err = tmp_path / f"{mode}-{i}.out", tmp_path / f"{mode}-{i}.err"
             with open(out, "wb") as o, open(err, "wb") as e:
                 proc = subprocess.Popen(
                     [sys.executable, __file__, mode, url, study, str(n_trials), str(STEPS)],
-                    stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=child_env(),
+                    stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=env,
                 )
             started.append(Worker(proc, out, err))
         yield started
@@ -173,8 +187,13 @@ def test_parallel_workers_survive_a_human_prune_fail_and_fail_button(
     n_trials = 4
     study = optuna.create_study(study_name="parallel", storage=url)
     storage = RDBStorage(url)
+    # The trials wait at their third step until the three actions are done: under load a
+    # trial picked with most of its 2 s ahead had finished before the Fail button reached it.
+    gate = tmp_path / "gate"
+    gate.touch()
     with serve_server(url, tmp_path, args=["--grace", "60"], interval=INTERVAL) as server, \
-            workers("wrapped", url, "parallel", n_workers, n_trials, tmp_path) as procs:
+            workers("wrapped", url, "parallel", n_workers, n_trials, tmp_path,
+                    gate=gate) as procs:
         taken: set[int] = set()
         pruned = running_trial(storage, study._study_id, taken, 2, [server])
         reply = server.put_note(study._study_id, pruned._trial_id, 1, "loss diverges: PRUNE")
@@ -186,6 +205,7 @@ def test_parallel_workers_survive_a_human_prune_fail_and_fail_button(
         reply = server.request("POST", f"/api/trials/{buttoned._trial_id}/tell",
                                json={"state": "Fail"})
         assert reply.status == 204 and reply.outcome["action"] == "requested", reply
+        gate.unlink()
 
         for w in procs:
             code, ran, err = w.finish(timeout=120)
