@@ -342,3 +342,57 @@ def hammer(port: int, raw: bytes, n: int, concurrency: int) -> tuple[float, list
     if errors:
         raise RuntimeError(f"{raw.split(b' HTTP')[0].decode()}: {errors[0]}")
     return took, times
+
+
+def hammer_together(targets: list[tuple[int, bytes]], seconds: float,
+                    concurrency: int) -> list[tuple[int, float, list[float]]]:
+    """Send each (port, request) target over ``concurrency`` keep-alive connections of its own,
+    every target at the same time, for about ``seconds``; per target, the requests answered, the
+    wall time and each request's time.
+
+    Run side by side, two servers meet the same slow patches of a shared machine (another VM's
+    burst, a frequency change) at the same moments, so their ratio keeps what differs between
+    them and loses most of what happened to both. Every answer must be a 200.
+    """
+    conns = [[Connection(port) for _ in range(concurrency)] for port, _ in targets]
+    for group in conns:
+        for conn in group:
+            conn._connect()
+    errors: list[BaseException] = []
+    times: list[list[float]] = [[] for _ in targets]
+    walls: list[float] = [0.0 for _ in targets]
+    start_line = threading.Barrier(len(targets) * concurrency + 1)
+    started = 0.0
+
+    def run(k: int, conn: Connection, raw: bytes) -> None:
+        clock = time.perf_counter
+        try:
+            start_line.wait()
+            end = started + seconds
+            while True:
+                sent = clock()
+                if sent >= end:
+                    break
+                status, body = conn.request(raw)
+                done = clock()
+                times[k].append(done - sent)
+                walls[k] = max(walls[k], done - started)
+                if status != 200:
+                    raise RuntimeError(f"answered {status}: {body[:200]!r}")
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k, conn, raw))
+               for k, (_, raw) in enumerate(targets) for conn in conns[k]]
+    for thread in threads:
+        thread.start()
+    started = time.perf_counter()
+    start_line.wait()
+    for thread in threads:
+        thread.join()
+    for group in conns:
+        for conn in group:
+            conn.close()
+    if errors:
+        raise RuntimeError(f"{targets[0][1].split(b' HTTP')[0].decode()}: {errors[0]}")
+    return [(len(t), wall, t) for t, wall in zip(times, walls)]
