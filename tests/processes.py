@@ -302,7 +302,13 @@ def _running(
                 continue
             if ready == "http":
                 server.wait_ready()
-            yield server
+            try:
+                yield server
+            except BaseException:
+                # What the server said goes with a failed test, as pytest's captured stderr: a
+                # timeout seen only in the browser may have its cause here.
+                sys.stderr.write(f"\n{server.describe()}\n")
+                raise
             return
         finally:
             server.stop()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-import time
 from typing import Any
 from typing import Iterator
 
@@ -202,13 +201,71 @@ def open_trial(page: Any, number: int, trial_id: int) -> None:
     page.get_by_text(f"Trial {number} (trial_id={trial_id})", exact=True).wait_for()
 
 
-def wait_shown(page: Any, script: str, arg: str, state: str, timeout: float) -> float:
-    """Wait until the page shows ``state``; return how long that took, in seconds."""
-    start = time.monotonic()
+def wait_shown(page: Any, script: str, arg: str, state: str, timeout: float) -> None:
+    """Wait until the page shows ``state`` (a bound on a hang, not a measure: see shown_after)."""
     page.wait_for_function(
         f"([arg, state]) => ({script})(arg) === state", arg=[arg, state], timeout=timeout * 1000
     )
-    return time.monotonic() - start
+
+
+def note_when_shown(page: Any, script: str, arg: str, state: str) -> None:
+    """Have the page note the time (``Date.now()``) its DOM first shows ``state`` for ``arg``."""
+    page.evaluate(
+        f"""([arg, state]) => {{
+          const shown = {script};
+          const key = `${{arg}}=${{state}}`;
+          window.hitlShownAt = window.hitlShownAt || {{}};
+          const look = () => {{
+            if (!(key in window.hitlShownAt) && shown(arg) === state) {{
+              window.hitlShownAt[key] = Date.now() / 1000;
+              observer.disconnect();
+            }}
+          }};
+          const observer = new MutationObserver(look);
+          const all = {{subtree: true, childList: true, characterData: true, attributes: true}};
+          observer.observe(document.body, all);
+          look();
+        }}""",
+        [arg, state],
+    )
+
+
+def shown_after(page: Any, arg: str, state: str, at: float) -> float:
+    """Seconds from ``at`` (``time.time()`` or the page's ``Date.now() / 1000``) to the moment
+    the page noted ``state`` for ``arg`` on screen (``note_when_shown``). Both ends are read on
+    the page's clock, not by Playwright's round trips, which under the suite's load took over a
+    second themselves."""
+    key = f"{arg}={state}"
+    try:
+        page.wait_for_function("(key) => key in (window.hitlShownAt || {})", arg=key,
+                               timeout=10_000)
+    except Exception:
+        toasts = page.locator(".hitl-toast").all_inner_texts()
+        pytest.fail(f"{arg} never showed {state!r}; toasts: {toasts}", pytrace=False)
+    return float(page.evaluate("(key) => window.hitlShownAt[key]", key)) - at
+
+
+def note_click(page: Any) -> None:
+    """Have the page note the time of its next click: the user's moment, on the page's clock."""
+    page.evaluate(
+        """() => document.addEventListener(
+          "click", () => { window.hitlClickedAt = Date.now() / 1000; }, {capture: true, once: true}
+        )"""
+    )
+
+
+def clicked_at(page: Any) -> float:
+    return float(page.evaluate("() => window.hitlClickedAt"))
+
+
+def shown_within(page: Any, checks: list[tuple[str, str]], state: str, seconds: float) -> None:
+    """Each (script, arg) of ``checks`` showed ``state`` within ``seconds`` of the click noted
+    by ``note_click``, on the page's own clock."""
+    clicked = clicked_at(page)
+    for script, arg in checks:
+        took = shown_after(page, arg, state, clicked)
+        toasts = page.locator(".hitl-toast").all_inner_texts()
+        assert took < seconds, f"{arg} showed {state!r} {took:.3f} s after the click; {toasts}"
 
 
 def type_note(page: Any, text: str) -> None:
@@ -216,6 +273,7 @@ def type_note(page: Any, text: str) -> None:
     page.locator("h5", has_text="Note").locator("xpath=following-sibling::div[1]//button").click()
     editor = page.locator("textarea").first
     editor.fill(text)
+    note_click(page)  # the save's moment, for shown_within
     page.get_by_role("button", name="Save").click()
 
 
@@ -237,10 +295,13 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         prune = page.locator(".hitl-bar button[data-command=PRUNE]")
         prune.wait_for()
         assert page.locator(".hitl-bar button[data-command=FAIL]").is_visible()
+        detail = f"Trial 2 (trial_id={ids[2]})"
+        note_when_shown(page, SHOWN_STATE, detail, "Pruned")
+        note_when_shown(page, LISTED_STATE, "Trial 2", "Pruned")
+        note_click(page)
         prune.click()
-        took = wait_shown(page, SHOWN_STATE, f"Trial 2 (trial_id={ids[2]})", "Pruned", SHOWN_WITHIN)
-        assert took < SHOWN_WITHIN
-        wait_shown(page, LISTED_STATE, "Trial 2", "Pruned", SHOWN_WITHIN)
+        shown_within(page, [(SHOWN_STATE, detail), (LISTED_STATE, "Trial 2")], "Pruned",
+                     SHOWN_WITHIN)
         toast = page.locator(".hitl-toast[data-action=applied]").last
         assert "Trial 2: RUNNING \u2192 PRUNED" in toast.inner_text()
         assert state_of(url, ids[2]) is TrialState.PRUNED
@@ -261,11 +322,11 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         # FAIL typed into the note editor of a COMPLETE trial relabels it.
         open_trial(page, 0, ids[0])
         page.locator(".hitl-bar button[data-command=FAIL]").wait_for()
-        type_note(page, "bad data split\nFAIL")
         title = f"Trial 0 (trial_id={ids[0]})"
-        took = wait_shown(page, SHOWN_STATE, title, "Fail", SHOWN_WITHIN)
-        assert took < SHOWN_WITHIN
-        wait_shown(page, LISTED_STATE, "Trial 0", "Fail", SHOWN_WITHIN)
+        note_when_shown(page, SHOWN_STATE, title, "Fail")
+        note_when_shown(page, LISTED_STATE, "Trial 0", "Fail")
+        type_note(page, "bad data split\nFAIL")
+        shown_within(page, [(SHOWN_STATE, title), (LISTED_STATE, "Trial 0")], "Fail", SHOWN_WITHIN)
         toast = page.locator(".hitl-toast[data-action=applied]").last
         assert "Trial 0: COMPLETE \u2192 FAIL" in toast.inner_text()
         assert "retroactive relabel" in toast.inner_text()
@@ -402,8 +463,10 @@ def test_refusals_and_conflicts_say_why_on_a_journal_storage(
 
         # A running trial still has its buttons there.
         open_trial(page, 2, ids[2])
+        note_when_shown(page, SHOWN_STATE, f"Trial 2 (trial_id={ids[2]})", "Fail")
+        note_click(page)
         page.locator(".hitl-bar button[data-command=FAIL]").click()
-        wait_shown(page, SHOWN_STATE, f"Trial 2 (trial_id={ids[2]})", "Fail", SHOWN_WITHIN)
+        shown_within(page, [(SHOWN_STATE, f"Trial 2 (trial_id={ids[2]})")], "Fail", SHOWN_WITHIN)
         assert_state(server, sid, ids[2], "Fail")
 
         # Someone saves the note between the button's read and its write: the dashboard's

@@ -13,7 +13,6 @@ from pathlib import Path
 import subprocess
 import sys
 import time
-from typing import Any
 
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -28,9 +27,11 @@ from test_browser import STUDY
 from test_browser import Pages
 from test_browser import backend  # noqa: F401  (a fixture)
 from test_browser import browser  # noqa: F401  (a fixture)
+from test_browser import note_when_shown
 from test_browser import open_trial
 from test_browser import pages  # noqa: F401  (a fixture)
 from test_browser import seed
+from test_browser import shown_after
 
 pytestmark = pytest.mark.e2e
 
@@ -80,39 +81,6 @@ def changed_by(cmd: list[str], url: str, trial_id: int, to: TrialState) -> float
             proc.kill()
     assert proc.returncode == 0, output
     return at
-
-
-def note_when_shown(page: Any, script: str, arg: str, state: str) -> None:
-    """Have the page note the time (``Date.now()``) its DOM first shows ``state`` for ``arg``."""
-    page.evaluate(
-        f"""([arg, state]) => {{
-          const shown = {script};
-          const key = `${{arg}}=${{state}}`;
-          window.hitlShownAt = window.hitlShownAt || {{}};
-          const look = () => {{
-            if (!(key in window.hitlShownAt) && shown(arg) === state) {{
-              window.hitlShownAt[key] = Date.now() / 1000;
-              observer.disconnect();
-            }}
-          }};
-          const observer = new MutationObserver(look);
-          const all = {{subtree: true, childList: true, characterData: true, attributes: true}};
-          observer.observe(document.body, all);
-          look();
-        }}""",
-        [arg, state],
-    )
-
-
-def shown_after(page: Any, arg: str, state: str, at: float) -> float:
-    """Seconds from ``at`` to the moment the page noted ``state`` for ``arg`` on screen."""
-    key = f"{arg}={state}"
-    try:
-        page.wait_for_function("(key) => key in (window.hitlShownAt || {})", arg=key,
-                               timeout=10_000)
-    except Exception:
-        pytest.fail(f"{arg} never showed {state!r}", pytrace=False)
-    return float(page.evaluate("(key) => window.hitlShownAt[key]", key)) - at
 
 
 def test_a_change_made_by_a_script_shows_in_an_open_page_within_a_second(
