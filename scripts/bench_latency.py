@@ -37,18 +37,22 @@ passthrough
     random, which spread the per-round ratios by +/-10-20%); for each endpoint, --rounds
     rounds, each a leg of --leg seconds in which the client sends to both servers at once,
     --concurrency keep-alive connections each, so that both meet the same slow patches of a
-    shared machine at the same moments (one server at a time, alternating, the per-round
-    ratios spread +/-25-45% on a noisy 2-core VM; --one-at-a-time does that). Throughput
-    ratio = ours / bare, requests answered in the same seconds, each server on half the CPU
-    (target >= 0.97x); CPU per request ratio, from the CPU clocks of the server's processes
-    over each leg (target <= 1.03x). The median of the per-round ratios, and their min-max. The study
-    detail (with and without ``after=``) reads the dashboard's trial cache, which reloads every
-    trial on the first request after 10 s (its TTL for 500 trials or more). Short legs would
-    meet a reload by chance, on one side more than the other; so on those two endpoints a leg
-    lasts about --cache-leg seconds (0.9 of the TTL), both caches have expired before the first
-    leg, and a server mostly idles a leg between two of its own: a leg then meets one reload,
-    on both sides alike (--cache-rounds rounds). The "slow" column counts requests over 4x
-    the leg's median on each side, so that a cache we cleared or bypassed shows there.
+    shared machine at the same moments (one server at a time, alternating, the per-round ratios
+    spread +/-25-45% on a noisy 2-core VM; --one-at-a-time does that). Throughput ratio = ours /
+    bare, requests answered in the same seconds, each server on half the CPU (target >= 0.97x);
+    CPU per request ratio, from the CPU clocks of the server's processes over each leg (target
+    <= 1.03x). The median of the per-round ratios, and their min-max. The rounds are spread over
+    --generations sets of freshly started servers: one process runs the same code a few % faster
+    or slower than another, for its whole life. --aa runs a second bare dashboard beside the
+    first, measured as ours is: its rows (A/A) are the bench's own bias and noise under the same
+    conditions. The study detail (with and without ``after=``) reads the dashboard's trial
+    cache, which reloads every trial on the first request after 10 s (its TTL for 500 trials or
+    more). Short legs would meet a reload by chance, on one side more than the other; so on
+    those two endpoints a leg lasts about --cache-leg seconds (0.9 of the TTL), both caches have
+    expired before the first leg, and a server mostly idles a leg between two of its own: a leg
+    then meets one reload, on both sides alike (--cache-rounds rounds). The "slow" column counts
+    requests over 4x the leg's median on each side, so that a cache we cleared or bypassed shows
+    there.
 saves
     Note-save ratios, in process (WSGI calls, as scripts/bench_core.py; gunicorn's noise is
     wider than the 5% to be told), per database, on studies of 1,000 trials: the bare dashboard
@@ -478,58 +482,81 @@ def bench_passthrough(url: str, tmp: Path, args: argparse.Namespace) -> list[Pas
     ]
     env = server_env(url)
     server_cpus, client_cpus = pin_cpus(args)
-    with servers.running("wsgi:app", env, tmp / "passthrough-ours.log",
-                         cpus=server_cpus) as ours, servers.pinned(client_cpus):
-        ours.wait_swept()  # installed, and the bootstrap queue drained
-        with servers.running("_bench_bare:app", env, tmp / "passthrough-bare.log",
-                             extra_args=("--pythonpath", "scripts"), cpus=server_cpus) as bare:
-            pids = {"ours": ours.pids(), "bare": bare.pids()}
-            results = []
+    names = ("ours", "bare", "bare2") if args.aa else ("ours", "bare")
+    legs: dict[str, dict[str, list[Leg]]] = {p: {n: [] for n in names} for p in endpoints}
+    # Each server process is a little faster or slower than another of the same code, for its
+    # whole life (memory layout, hash seeds): +/-3% on /api/meta here, as much as the target.
+    # So the rounds are spread over --generations sets of freshly started servers.
+    for generation in range(args.generations):
+        rounds = _share(args.rounds, args.generations, generation)
+        cache_rounds = _share(args.cache_rounds, args.generations, generation)
+        with contextlib.ExitStack() as stack:
+            ours = stack.enter_context(servers.running(
+                "wsgi:app", env, tmp / f"passthrough-ours-{generation}.log", cpus=server_cpus))
+            stack.enter_context(servers.pinned(client_cpus))
+            ours.wait_swept()  # installed, and the bootstrap queue drained
+            running = {"ours": ours}
+            # --aa: a second bare dashboard beside the first, measured as ours is: its ratio
+            # to the first is the bench's own bias and noise, under the same conditions.
+            for name in names[1:]:
+                running[name] = stack.enter_context(servers.running(
+                    "_bench_bare:app", env, tmp / f"passthrough-{name}-{generation}.log",
+                    extra_args=("--pythonpath", "scripts"), cpus=server_cpus))
             for path in endpoints:
-                progress(f"sqlite: pass-through {path}")
-                raws = {name: servers.build_request("GET", path, s.port)
-                        for name, s in (("ours", ours), ("bare", bare))}
-                ports = {"ours": ours.port, "bare": bare.port}
-                for name in raws:  # warm: caches filled, code paths hot
-                    servers.hammer(ports[name], raws[name], 2 * args.concurrency,
-                                   args.concurrency)
-                # As many requests as take about --leg seconds on the bare dashboard (a page
-                # load costs it ~0.1 s of CPU: it checks the schema's Alembic revision each time).
-                took, _ = servers.hammer(bare.port, raws["bare"], 2 * args.concurrency,
-                                         args.concurrency)
+                progress(f"sqlite: pass-through {path} (servers {generation + 1} of "
+                         f"{args.generations})")
                 cached = path.startswith("/api/studies/")
-                seconds, rounds = ((args.cache_leg, args.cache_rounds) if cached
-                                   else (args.leg, args.rounds))
-                n = max(MIN_LEG_REQUESTS,
-                        min(100_000, round(seconds / (took / (2 * args.concurrency)))))
-                if cached:
-                    time.sleep(CACHE_TTL)  # both caches expire: each first leg meets a reload
-                legs: dict[str, list[Leg]] = {"ours": [], "bare": []}
-                if not cached and not args.one_at_a_time:
-                    for _ in range(rounds):
-                        before = {name: s.cpu(pids[name]) for name, s in (("ours", ours),
-                                                                         ("bare", bare))}
-                        together = servers.hammer_together(
-                            [(ports["ours"], raws["ours"]), (ports["bare"], raws["bare"])],
-                            seconds, args.concurrency)
-                        for (name, server), (count, wall, times) in zip(
-                                (("ours", ours), ("bare", bare)), together):
-                            cpu = server.cpu(pids[name]) - before[name]
-                            slow = sum(t > SLOW * statistics.median(times) for t in times)
-                            legs[name].append(Leg(count, wall, cpu, slow))
-                    results.append(PassThrough(path, legs["ours"], legs["bare"]))
-                    continue
-                for r in range(rounds):
-                    for name in (("ours", "bare") if r % 2 == 0 else ("bare", "ours")):
-                        server = ours if name == "ours" else bare
-                        cpu0 = server.cpu(pids[name])
-                        wall, times = servers.hammer(ports[name], raws[name], n,
-                                                     args.concurrency)
-                        cpu = server.cpu(pids[name]) - cpu0
-                        slow = sum(t > SLOW * statistics.median(times) for t in times)
-                        legs[name].append(Leg(n, wall, cpu, slow))
-                results.append(PassThrough(path, legs["ours"], legs["bare"]))
+                _passthrough_legs(running, path, args, legs[path],
+                                  cache_rounds if cached else rounds)
+    results = []
+    for path in endpoints:
+        results.append(PassThrough(path, legs[path]["ours"], legs[path]["bare"]))
+        if args.aa:
+            results.append(PassThrough(f"{path} (A/A)", legs[path]["bare2"], legs[path]["bare"]))
     return results
+
+
+def _share(total: int, parts: int, index: int) -> int:
+    """Part ``index`` of ``total`` split into ``parts`` near-equal whole parts."""
+    return total // parts + (index < total % parts)
+
+
+def _passthrough_legs(running: dict[str, Any], path: str, args: argparse.Namespace,
+                      legs: dict[str, list[Leg]], rounds: int) -> None:
+    """``rounds`` legs of ``path`` on each running server, appended to ``legs``."""
+    pids = {name: s.pids() for name, s in running.items()}
+    raws = {name: servers.build_request("GET", path, s.port) for name, s in running.items()}
+    for name, server in running.items():  # warm: caches filled, code paths hot
+        servers.hammer(server.port, raws[name], 2 * args.concurrency, args.concurrency)
+    # As many requests as take about --leg seconds on the bare dashboard (a page load costs
+    # it ~0.1 s of CPU: it checks the schema's Alembic revision each time).
+    took, _ = servers.hammer(running["bare"].port, raws["bare"], 2 * args.concurrency,
+                             args.concurrency)
+    cached = path.startswith("/api/studies/")
+    seconds = args.cache_leg if cached else args.leg
+    n = max(MIN_LEG_REQUESTS, min(100_000, round(seconds / (took / (2 * args.concurrency)))))
+    if cached:
+        time.sleep(CACHE_TTL)  # every cache expires: each first leg meets a reload
+    if not cached and not args.one_at_a_time:
+        for _ in range(rounds):
+            before = {name: s.cpu(pids[name]) for name, s in running.items()}
+            together = servers.hammer_together(
+                [(s.port, raws[name]) for name, s in running.items()], seconds,
+                args.concurrency)
+            for (name, server), (count, wall, times) in zip(running.items(), together):
+                cpu = server.cpu(pids[name]) - before[name]
+                slow = sum(t > SLOW * statistics.median(times) for t in times)
+                legs[name].append(Leg(count, wall, cpu, slow))
+        return
+    names = list(running)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            server = running[name]
+            cpu0 = server.cpu(pids[name])
+            wall, times = servers.hammer(server.port, raws[name], n, args.concurrency)
+            cpu = server.cpu(pids[name]) - cpu0
+            slow = sum(t > SLOW * statistics.median(times) for t in times)
+            legs[name].append(Leg(n, wall, cpu, slow))
 
 
 # --- saves: note-save ratios in process ------------------------------------------------------
@@ -683,6 +710,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="pass-through legs one server at a time (alternating), as before "
                         "side-by-side legs; the study detail endpoints always are")
+    parser.add_argument("--generations", type=int, default=None,
+                        help="pass-through: sets of freshly started servers the rounds are "
+                        "spread over (default 3; 1 quick)")
+    parser.add_argument("--aa", action="store_true",
+                        help="pass-through: also run a second bare dashboard beside the first "
+                        "(an A/A check: its rows, marked (A/A), show the bench's own bias and "
+                        "noise under the same conditions)")
     parser.add_argument("--no-pin", action="store_true",
                         help="pass-through: let the servers and the client share every CPU "
                              "(by default the servers run on the first CPU, the client on the "
@@ -705,8 +739,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.trials = args.trials or (10_000 if quick else 100_000)
     args.idle_seconds = args.idle_seconds or (10.0 if quick else 20.0)
     args.rounds = args.rounds or (4 if quick else 24)
+    args.generations = args.generations or (1 if quick else 3)
     args.cache_leg = args.cache_leg or (4.5 if quick else 0.9 * CACHE_TTL)
     args.cache_rounds = args.cache_rounds or (3 if quick else 6)
+    if not 1 <= args.generations <= min(args.rounds, args.cache_rounds):
+        parser.error("--generations must be from 1 to the number of rounds")
     if args.cache_leg >= CACHE_TTL:
         parser.error(f"--cache-leg must be under the cache's {CACHE_TTL:.0f} s")
     args.leg = args.leg or (0.4 if quick else 1.0)
@@ -900,7 +937,7 @@ def report_idle(idle: dict[str, list[IdleCpu]], args: argparse.Namespace) -> int
 
 def report_passthrough(results: list[PassThrough], args: argparse.Namespace) -> int:
     print(f"\n## Pass-through, gunicorn, ours / bare dashboard (SQLite, {STUDY_TRIALS:,} trials; "
-          f"{args.rounds} rounds, "
+          f"{args.rounds} rounds over {args.generations} set(s) of fresh servers, "
           f"{'one server at a time' if args.one_at_a_time else 'both servers side by side'} "
           f"(the study detail: {args.cache_rounds} rounds, one at a time): median of the "
           f"per-round ratios, and their min-max; "
@@ -912,7 +949,8 @@ def report_passthrough(results: list[PassThrough], args: argparse.Namespace) -> 
         cpu_rounds = r.per_round(r.cpu_ratio)
         thr, cpu = statistics.median(thr_rounds), statistics.median(cpu_rounds)
         ok_thr, ok_cpu = thr >= 0.97, cpu <= 1.03
-        failures += (not ok_thr) + (not ok_cpu)
+        if not r.endpoint.endswith("(A/A)"):  # the bench against itself: no target of ours
+            failures += (not ok_thr) + (not ok_cpu)
         bare_rps = sum(x.requests for x in r.bare) / sum(x.wall for x in r.bare)
         bare_cpu = sum(x.cpu for x in r.bare) / sum(x.requests for x in r.bare)
         rows.append([
