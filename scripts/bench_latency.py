@@ -521,7 +521,11 @@ def _share(total: int, parts: int, index: int) -> int:
     return total // parts + (index < total % parts)
 
 
-def _passthrough_legs(running: dict[str, Any], path: str, args: argparse.Namespace,
+def _leg(requests: int, wall: float, cpu: float, times: list[float]) -> Leg:
+    return Leg(requests, wall, cpu, sum(t > SLOW * statistics.median(times) for t in times))
+
+
+def _passthrough_legs(running: dict[str, servers.Server], path: str, args: argparse.Namespace,
                       legs: dict[str, list[Leg]], rounds: int) -> None:
     """``rounds`` legs of ``path`` on each running server, appended to ``legs``."""
     pids = {name: s.pids() for name, s in running.items()}
@@ -544,9 +548,7 @@ def _passthrough_legs(running: dict[str, Any], path: str, args: argparse.Namespa
                 [(s.port, raws[name]) for name, s in running.items()], seconds,
                 args.concurrency)
             for (name, server), (count, wall, times) in zip(running.items(), together):
-                cpu = server.cpu(pids[name]) - before[name]
-                slow = sum(t > SLOW * statistics.median(times) for t in times)
-                legs[name].append(Leg(count, wall, cpu, slow))
+                legs[name].append(_leg(count, wall, server.cpu(pids[name]) - before[name], times))
         return
     names = list(running)
     for r in range(rounds):
@@ -554,9 +556,7 @@ def _passthrough_legs(running: dict[str, Any], path: str, args: argparse.Namespa
             server = running[name]
             cpu0 = server.cpu(pids[name])
             wall, times = servers.hammer(server.port, raws[name], n, args.concurrency)
-            cpu = server.cpu(pids[name]) - cpu0
-            slow = sum(t > SLOW * statistics.median(times) for t in times)
-            legs[name].append(Leg(n, wall, cpu, slow))
+            legs[name].append(_leg(n, wall, server.cpu(pids[name]) - cpu0, times))
 
 
 # --- saves: note-save ratios in process ------------------------------------------------------
