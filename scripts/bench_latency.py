@@ -505,9 +505,7 @@ def bench_passthrough(url: str, tmp: Path, args: argparse.Namespace) -> list[Pas
             for path in endpoints:
                 progress(f"sqlite: pass-through {path} (servers {generation + 1} of "
                          f"{args.generations})")
-                cached = path.startswith("/api/studies/")
-                _passthrough_legs(running, path, args, legs[path],
-                                  cache_rounds if cached else rounds)
+                _passthrough_legs(running, path, args, legs[path], rounds, cache_rounds)
     results = []
     for path in endpoints:
         results.append(PassThrough(path, legs[path]["ours"], legs[path]["bare"]))
@@ -526,8 +524,9 @@ def _leg(requests: int, wall: float, cpu: float, times: list[float]) -> Leg:
 
 
 def _passthrough_legs(running: dict[str, servers.Server], path: str, args: argparse.Namespace,
-                      legs: dict[str, list[Leg]], rounds: int) -> None:
-    """``rounds`` legs of ``path`` on each running server, appended to ``legs``."""
+                      legs: dict[str, list[Leg]], rounds: int, cache_rounds: int) -> None:
+    """``rounds`` legs of ``path`` on each running server (``cache_rounds`` on the study
+    detail), appended to ``legs``."""
     pids = {name: s.pids() for name, s in running.items()}
     raws = {name: servers.build_request("GET", path, s.port) for name, s in running.items()}
     for name, server in running.items():  # warm: caches filled, code paths hot
@@ -537,7 +536,7 @@ def _passthrough_legs(running: dict[str, servers.Server], path: str, args: argpa
     took, _ = servers.hammer(running["bare"].port, raws["bare"], 2 * args.concurrency,
                              args.concurrency)
     cached = path.startswith("/api/studies/")
-    seconds = args.cache_leg if cached else args.leg
+    seconds, rounds = (args.cache_leg, cache_rounds) if cached else (args.leg, rounds)
     n = max(MIN_LEG_REQUESTS, min(100_000, round(seconds / (took / (2 * args.concurrency)))))
     if cached:
         time.sleep(CACHE_TTL)  # every cache expires: each first leg meets a reload
