@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from optuna.trial import create_trial
 import sqlalchemy as sa
 
 from hitl_pruner import Settings
@@ -21,26 +22,30 @@ def make_study(url: str, name: str = "s") -> tuple[optuna.Study, dict[str, int]]
     study = optuna.create_study(
         study_name=name, storage=RDBStorage(url), sampler=optuna.samplers.RandomSampler(seed=0)
     )
-    ids: dict[str, int] = {}
-    for label in ("complete", "complete2"):
-        t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-        t.report(0.5, 0)
-        t.report(0.25, 1)
-        t.set_user_attr("u", label)
-        study.tell(t, 0.1)
-        ids[label] = t._trial_id
-    for label in ("running", "running2"):
-        t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-        t.report(0.7, 0)
-        ids[label] = t._trial_id
-    t = study.ask()
-    study.tell(t, state=TrialState.PRUNED)
-    ids["pruned_by_worker"] = t._trial_id
-    t = study.ask()
-    study.tell(t, state=TrialState.FAIL)
-    ids["failed_by_worker"] = t._trial_id
+    # Each trial is written whole, in one transaction (add_trials), not step by step as a worker
+    # writes it (ask, report, tell: a transaction each): the same rows in a third of the time,
+    # and most tests start with this study. The values are those RandomSampler(seed=0) gave.
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    labels = ("complete", "complete2", "running", "running2", "pruned_by_worker",
+              "failed_by_worker")
+    study.add_trials([
+        create_trial(state=TrialState.COMPLETE, params={"x": 0.5488135039273248},
+                     distributions=x, value=0.1, intermediate_values={0: 0.5, 1: 0.25},
+                     user_attrs={"u": "complete"}),
+        create_trial(state=TrialState.COMPLETE, params={"x": 0.7151893663724195},
+                     distributions=x, value=0.1, intermediate_values={0: 0.5, 1: 0.25},
+                     user_attrs={"u": "complete2"}),
+        create_trial(state=TrialState.RUNNING, params={"x": 0.6027633760716439},
+                     distributions=x, intermediate_values={0: 0.7}),
+        create_trial(state=TrialState.RUNNING, params={"x": 0.5448831829968969},
+                     distributions=x, intermediate_values={0: 0.7}),
+        create_trial(state=TrialState.PRUNED),
+        create_trial(state=TrialState.FAIL),
+    ])
     study.enqueue_trial({"x": 0.5})
-    ids["waiting"] = max(tr._trial_id for tr in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    ids = {label: trials[number]._trial_id for number, label in enumerate(labels)}
+    ids["waiting"] = trials[-1]._trial_id
     return study, ids
 
 
