@@ -19,20 +19,19 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage
 import optuna_dashboard
 
-# The keys of a trial's note in the study's system attrs.
-from optuna_dashboard._note import note_str_key_prefix
-from optuna_dashboard._note import note_ver_key
-
 # How its note API saves a note: the version check, then version and text chunks.
 from optuna_dashboard._note import save_note_with_version
-
-# How it cuts a note's text into system attrs (of SYSTEM_ATTR_MAX_LENGTH characters).
-from optuna_dashboard._note import split_body
 from optuna_dashboard._note import version_is_incremented
 
 # How optuna_dashboard.wsgi() turns a storage URL (or object) into a storage: an RDB URL, a
 # journal file's path, a redis:// URL. The library API (embed.py) opens a URL the same way.
 from optuna_dashboard._storage_url import get_storage
+
+# The keys of a note in the study's system attrs, and how its text is cut into them: the same as
+# optuna_dashboard._note's, in a module that does not import the dashboard (for the worker side).
+from .notes import note_str_key_prefix
+from .notes import note_ver_key
+from .notes import split_body
 
 __all__ = [
     "BUNDLE_API_BASE", "BUNDLE_ROUTER", "PAGE_CSP", "PAGE_CSP_ADDED", "RELEASE",

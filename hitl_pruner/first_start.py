@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 import sqlalchemy as sa
 
 from .applier import Applier
-from .dashboard import note_ver_key
+from .notes import note_ver_key
 from .rdb import EXISTING_UPTO
 from .rdb import SqlStore
 from .rdb import attrs_t

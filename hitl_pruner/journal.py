@@ -31,8 +31,8 @@ from optuna.trial import TrialState
 from .audit import FORCED
 from .audit import SWEEP
 from .audit import AuditEntry
-from .dashboard import note_str_key_prefix
-from .dashboard import note_ver_key
+from .notes import note_str_key_prefix
+from .notes import note_ver_key
 from .optuna_compat import is_finished_trial_error
 from .requests import COOPERATIVE_ATTR
 from .requests import DEFAULT_ALIVE_FOR

@@ -31,9 +31,9 @@ from .audit import FORCED
 from .audit import STUDY_ROW
 from .audit import SWEEP
 from .audit import AuditEntry
-from .dashboard import note_str_key_prefix
-from .dashboard import note_ver_key
-from .dashboard import split_body
+from .notes import note_str_key_prefix
+from .notes import note_ver_key
+from .notes import split_body
 from .requests import COOPERATIVE_ATTR
 from .requests import DEFAULT_ALIVE_FOR
 from .requests import REQUEST_ATTR

@@ -50,9 +50,9 @@ from .audit import STUDY_STOP
 from .audit import SWEEP
 from .audit import AuditEntry
 from .commands import standalone
-from .dashboard import note_str_key_prefix
-from .dashboard import note_ver_key
 from .journal import AUDIT_PREFIX
+from .notes import note_str_key_prefix
+from .notes import note_ver_key
 from .rdb import _audit_row
 from .rdb import attrs_t
 from .rdb import audit_t

@@ -11,10 +11,12 @@ from helpers import call
 import optuna
 from optuna.storages import RDBStorage
 import optuna_dashboard
+from optuna_dashboard import _note
 from optuna_dashboard import save_note
 import pytest
 
 from hitl_pruner import dashboard
+from hitl_pruner import notes
 
 BUNDLE = Path(optuna_dashboard.__file__).parent / "public" / "bundle.js"
 
@@ -26,15 +28,29 @@ def test_the_installed_release_is_one_whose_internals_we_know() -> None:
             dashboard.known_release(other)
 
 
-def test_another_release_refuses_to_start_and_says_why() -> None:
-    """No silent fallback: on a release we do not know, importing hitl_pruner fails."""
+@pytest.mark.parametrize("server", ["create_app", "wsgi", "HitlMiddleware"])
+def test_another_release_refuses_to_start_and_says_why(server: str) -> None:
+    """No silent fallback: on a release we do not know, what builds a server fails to import."""
     code = (
-        "import optuna_dashboard; optuna_dashboard.__version__ = '0.22.0'; import hitl_pruner"
+        "import optuna_dashboard; optuna_dashboard.__version__ = '0.22.0'; "
+        f"from hitl_pruner import {server}"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
     assert "UnsupportedDashboard" in run.stderr
     assert "not of the installed 0.22.0: install 'optuna-dashboard>=0.19,<0.22'" in run.stderr
+
+
+@pytest.mark.parametrize("trial_id", [None, 0, 7])
+def test_our_note_keys_and_chunks_are_the_dashboards(trial_id: int | None) -> None:
+    """notes.py (which the worker side imports instead of the dashboard) keys and cuts a note
+    as optuna_dashboard._note does: the study's note (no trial id) and a trial's."""
+    assert notes.note_ver_key(trial_id) == _note.note_ver_key(trial_id)
+    assert notes.note_str_key_prefix(trial_id) == _note.note_str_key_prefix(trial_id)
+    for length in (0, 1, 2044, 2045, 2046, 4090, 4091, 10_000):
+        body = "".join(chr(0x61 + i % 26) for i in range(length))
+        assert notes.split_body(body, trial_id) == _note.split_body(body, trial_id), length
+    assert dashboard.split_body is notes.split_body
 
 
 def test_the_bundle_has_one_router_prefix_and_one_api_base_as_its_release_spells_them() -> None:

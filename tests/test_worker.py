@@ -11,6 +11,8 @@ import datetime
 import logging
 import os
 import pickle
+import subprocess
+import sys
 from typing import Any
 
 from helpers import app_for
@@ -226,6 +228,24 @@ def test_the_wrapper_of_a_hyperband_pruner_keeps_the_samplers_bracket_view(
     filtered = optuna.pruners._filter_study(study, trial)
     assert filtered is not study and type(filtered).__name__ == "_BracketStudy"
     assert not isinstance(HumanInTheLoopPruner(MedianPruner()), HyperbandPruner)
+
+
+def test_the_worker_side_imports_optuna_and_not_the_dashboard() -> None:
+    """A worker process imports hitl_pruner for its pruner, ask/tell and the study stop: that
+    must not cost it the dashboard, bottle and boto3 (about half a second of CPU each start)."""
+    code = (
+        "import sys\n"
+        "from hitl_pruner import HumanInTheLoopPruner, ask, tell, requested_state\n"
+        "from hitl_pruner import StudyStopped, stop_if_asked, study_stopped\n"
+        "print(sorted(m for m in ('optuna_dashboard', 'bottle', 'boto3', 'optuna.artifacts')"
+        " if m in sys.modules))\n"
+        "import hitl_pruner\n"
+        "hitl_pruner.create_app\n"
+        "print('optuna_dashboard' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["[]", "True"], run.stdout
 
 
 def test_the_default_wrapped_pruner_is_optunas_default() -> None:
