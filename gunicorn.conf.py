@@ -3,6 +3,7 @@
 # HITL_CONFIG's TOML file), resolved as wsgi:app resolves them.
 from hitl_pruner.gunicorn_hooks import gunicorn_settings
 from hitl_pruner.gunicorn_hooks import post_worker_init  # noqa: F401
+from hitl_pruner.gunicorn_hooks import pre_fork  # noqa: F401
 from hitl_pruner.gunicorn_hooks import worker_exit  # noqa: F401
 
 _hitl = gunicorn_settings()

@@ -467,6 +467,7 @@ def _serve(settings: Settings, *, demo: bool) -> int:
         "worker_class": "gthread",
         "threads": 4,
         "post_worker_init": gunicorn_hooks.post_worker_init,
+        "pre_fork": gunicorn_hooks.pre_fork,
         "worker_exit": gunicorn_hooks.worker_exit,
         "when_ready": when_ready,
         "loglevel": "debug" if settings.verbose else "info",

@@ -17,7 +17,8 @@ exactly as ``wsgi:app`` resolves them (HITL_* variables, HITL_CONFIG's TOML file
 
 The hooks run one sweep per worker process, started after the fork. Threads do not survive
 fork(), so under ``--preload`` a sweep started at import would run in the master only. The
-middleware also starts the sweep on a process's first request as a fallback.
+middleware also starts the sweep on a process's first request as a fallback. They also keep what
+the master and each worker built to serve out of the garbage collector's passes (``gc.freeze``).
 
 An exception in a config file or a hook halts gunicorn, so none of these raise, but for one
 deliberate stop: ``post_worker_init`` exits with code 4 (gunicorn halts, and does not respawn
@@ -27,6 +28,7 @@ the worker) when gunicorn trusts other proxies than the application does, e.g. a
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 from typing import Any
@@ -81,6 +83,18 @@ def post_worker_init(worker: Any) -> None:
             start()
     except Exception:
         logger.exception("could not start the sweep in worker %s", worker.pid)
+    # What the worker built to serve (the imports, the dashboard, the storage) lives as long as
+    # the worker: leave it out of the garbage collector's passes from now on. Each full pass while
+    # serving then walks only what requests made, and the exit skips the pass over it all
+    # (about 0.2 s of CPU per worker stop measured).
+    gc.freeze()
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    # The master's objects, before each fork: as Python's gc documentation advises for a server
+    # that forks, a worker's collections then do not write to the pages it shares with the
+    # master, and the master's exit skips the pass over them.
+    gc.freeze()
 
 
 def _check_trust(worker: Any) -> None:

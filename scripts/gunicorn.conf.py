@@ -8,6 +8,7 @@ import os
 # One sweep per worker, started after the fork; the same hooks as ./gunicorn.conf.py.
 from hitl_pruner.gunicorn_hooks import gunicorn_settings
 from hitl_pruner.gunicorn_hooks import post_worker_init  # noqa: F401
+from hitl_pruner.gunicorn_hooks import pre_fork  # noqa: F401
 from hitl_pruner.gunicorn_hooks import worker_exit  # noqa: F401
 
 # The address and the trusted proxies, from hitl-pruner's settings as wsgi:app reads them.
