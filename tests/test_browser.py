@@ -246,12 +246,28 @@ def shown_after(page: Any, arg: str, state: str, at: float) -> float:
 
 
 def note_click(page: Any) -> None:
-    """Have the page note the time of its next click: the user's moment, on the page's clock."""
+    """Have the page note the time of its next click: the user's moment, on the page's clock.
+    Its list of requests starts afresh (for ``requests_since_click``)."""
     page.evaluate(
-        """() => document.addEventListener(
-          "click", () => { window.hitlClickedAt = Date.now() / 1000; }, {capture: true, once: true}
-        )"""
+        """() => {
+          performance.setResourceTimingBufferSize(1000);
+          performance.clearResourceTimings();
+          const noted = () => { window.hitlClickedAt = Date.now() / 1000; };
+          document.addEventListener("click", noted, {capture: true, once: true});
+        }"""
     )
+
+
+def requests_since_click(page: Any) -> list[str]:
+    """Each request the page made since ``note_click``: its path, and when it started and ended,
+    in seconds after the click on the page's clock (a slow answer tells itself from a slow page)."""
+    return list(page.evaluate(
+        """() => performance.getEntriesByType("resource").map((e) => {
+          const at = (ms) => ((performance.timeOrigin + ms) / 1000 - window.hitlClickedAt);
+          const path = e.name.replace(location.origin, "");
+          return `${path} ${at(e.startTime).toFixed(3)}-${at(e.responseEnd).toFixed(3)}`;
+        })"""
+    ))
 
 
 def shown_within(page: Any, checks: list[tuple[str, str]], state: str, seconds: float) -> None:
@@ -263,7 +279,8 @@ def shown_within(page: Any, checks: list[tuple[str, str]], state: str, seconds: 
         # Shown before the click would be a stale page, not a fast one.
         if not 0 <= took < seconds:
             toasts = page.locator(".hitl-toast").all_inner_texts()
-            pytest.fail(f"{arg} showed {state!r} {took:.3f} s after the click; {toasts}")
+            pytest.fail(f"{arg} showed {state!r} {took:.3f} s after the click; {toasts}; "
+                        f"requests since the click: {requests_since_click(page)}")
 
 
 def type_note(page: Any, text: str) -> None:
