@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 # Each public name and the module it comes from, imported when first asked for: an Optuna worker's
 # `from hitl_pruner import HumanInTheLoopPruner` then imports Optuna and the worker side only,
-# not the dashboard, bottle and what they import (about half a second of CPU per worker process).
+# not the dashboard, bottle and what they import (about 0.3 s of CPU per worker process).
 _HOMES = {
     "ConfigError": "config",
     "HitlMiddleware": "middleware",

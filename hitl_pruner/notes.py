@@ -3,7 +3,7 @@ text cut into chunks under numbered keys; the trial id in each key, none for the
 
 The same as optuna_dashboard._note, written here so that what reads and writes notes (the worker
 side, the sweep, the stores) does not import optuna-dashboard, bottle and what they import: about
-half a second of CPU in every Optuna worker process that imports hitl_pruner. The server side
+0.3 s of CPU at the start of every Optuna worker process that imports hitl_pruner. The server side
 gets these through dashboard.py with the rest of the dashboard's internals, and
 tests/test_dashboard_internals.py checks them against the installed dashboard's own.
 """

@@ -23,7 +23,7 @@ def make_study(url: str, name: str = "s") -> tuple[optuna.Study, dict[str, int]]
         study_name=name, storage=RDBStorage(url), sampler=optuna.samplers.RandomSampler(seed=0)
     )
     # Each trial is written whole, in one transaction (add_trials), not step by step as a worker
-    # writes it (ask, report, tell: a transaction each): the same rows in a third of the time,
+    # writes it (ask, report, tell: a transaction each): the same rows in about half the time,
     # and most tests start with this study. The values are those RandomSampler(seed=0) gave.
     x = {"x": optuna.distributions.FloatDistribution(0, 1)}
     labels = ("complete", "complete2", "running", "running2", "pruned_by_worker",

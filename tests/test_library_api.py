@@ -56,6 +56,16 @@ def running_and_done(storage: BaseStorage) -> tuple[optuna.Study, int, int]:
 # --- the options -----------------------------------------------------------------------------
 
 
+def test_every_public_name_imports_from_the_package() -> None:
+    """hitl_pruner loads its names on first use (its __getattr__): each name of __all__ must
+    resolve, to the object its own module defines, and an unknown name is an AttributeError."""
+    for name in hitl_pruner.__all__:
+        value = getattr(hitl_pruner, name)
+        assert getattr(sys.modules[value.__module__], name) is value, name
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        hitl_pruner.nothing_here  # noqa: B018
+
+
 @pytest.mark.parametrize(
     ("option", "said"),
     [

@@ -232,7 +232,7 @@ def test_the_wrapper_of_a_hyperband_pruner_keeps_the_samplers_bracket_view(
 
 def test_the_worker_side_imports_optuna_and_not_the_dashboard() -> None:
     """A worker process imports hitl_pruner for its pruner, ask/tell and the study stop: that
-    must not cost it the dashboard, bottle and boto3 (about half a second of CPU each start)."""
+    must not cost it the dashboard, bottle and boto3 (about 0.3 s of CPU each start)."""
     code = (
         "import sys\n"
         "from hitl_pruner import HumanInTheLoopPruner, ask, tell, requested_state\n"
