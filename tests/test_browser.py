@@ -247,27 +247,48 @@ def shown_after(page: Any, arg: str, state: str, at: float) -> float:
 
 def note_click(page: Any) -> None:
     """Have the page note the time of its next click: the user's moment, on the page's clock.
-    Its list of requests starts afresh (for ``requests_since_click``)."""
+    Its lists of requests and of long tasks start afresh (for ``since_click``)."""
     page.evaluate(
         """() => {
           performance.setResourceTimingBufferSize(1000);
           performance.clearResourceTimings();
+          // Tasks that held the page's main thread over 50 ms (Chromium's Long Tasks API).
+          window.hitlLongTasks = [];
+          if (!window.hitlLongTaskObserver) {
+            window.hitlLongTaskObserver = new PerformanceObserver((list) => {
+              window.hitlLongTasks.push(...list.getEntries());
+            });
+            window.hitlLongTaskObserver.observe({type: "longtask"});
+          }
           const noted = () => { window.hitlClickedAt = Date.now() / 1000; };
           document.addEventListener("click", noted, {capture: true, once: true});
         }"""
     )
 
 
-def requests_since_click(page: Any) -> list[str]:
-    """Each request the page made since ``note_click``: its path, and when it started and ended,
-    in seconds after the click on the page's clock (a slow answer tells itself from a slow page)."""
-    return list(page.evaluate(
-        """() => performance.getEntriesByType("resource").map((e) => {
-          const at = (ms) => ((performance.timeOrigin + ms) / 1000 - window.hitlClickedAt);
-          const path = e.name.replace(location.origin, "");
-          return `${path} ${at(e.startTime).toFixed(3)}-${at(e.responseEnd).toFixed(3)}`;
-        })"""
+def since_click(page: Any) -> dict[str, list[tuple[str, float, float]]]:
+    """What the page did since ``note_click``, in seconds after the click on its own clock:
+    each request (path, start, end) and each long task ("", start, end), in order of start.
+    A slow answer tells itself from a busy page (the dashboard's renders are long tasks)."""
+    return dict(page.evaluate(
+        """() => {
+          const at = (ms) => (performance.timeOrigin + ms) / 1000 - window.hitlClickedAt;
+          const span = (name, e) => [name, at(e.startTime), at(e.startTime + e.duration)];
+          return {
+            requests: performance.getEntriesByType("resource")
+              .map((e) => span(e.name.replace(location.origin, ""), e)),
+            long_tasks: window.hitlLongTasks.map((e) => span("", e)),
+          };
+        }"""
     ))
+
+
+def timeline(page: Any) -> str:
+    """``since_click`` for a failure message."""
+    seen = since_click(page)
+    requests = [f"{path} {start:.3f}-{end:.3f}" for path, start, end in seen["requests"]]
+    tasks = [f"{start:.3f}-{end:.3f}" for _, start, end in seen["long_tasks"]]
+    return f"requests since the click: {requests}; long tasks of the page: {tasks}"
 
 
 def shown_within(page: Any, checks: list[tuple[str, str]], state: str, seconds: float) -> None:
@@ -280,7 +301,7 @@ def shown_within(page: Any, checks: list[tuple[str, str]], state: str, seconds: 
         if not 0 <= took < seconds:
             toasts = page.locator(".hitl-toast").all_inner_texts()
             pytest.fail(f"{arg} showed {state!r} {took:.3f} s after the click; {toasts}; "
-                        f"requests since the click: {requests_since_click(page)}")
+                        f"{timeline(page)}")
 
 
 def type_note(page: Any, text: str) -> None:
@@ -317,6 +338,10 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         prune.click()
         shown_within(page, [(SHOWN_STATE, detail), (LISTED_STATE, "Trial 2")], "Pruned",
                      SHOWN_WITHIN)
+        # The click's first request of its own is the note's save: nothing waits before it.
+        started = {path: start for path, start, _ in reversed(since_click(page)["requests"])}
+        save, ask = f"/api/studies/{sid}/{ids[2]}/note", f"/hitl/api/studies/{sid}/{ids[2]}"
+        assert save in started and started.get(ask, 1e9) > started[save], timeline(page)
         toast = page.locator(".hitl-toast[data-action=applied]").last
         assert "Trial 2: RUNNING \u2192 PRUNED" in toast.inner_text()
         assert state_of(url, ids[2]) is TrialState.PRUNED
@@ -484,18 +509,17 @@ def test_refusals_and_conflicts_say_why_on_a_journal_storage(
         shown_within(page, [(SHOWN_STATE, f"Trial 2 (trial_id={ids[2]})")], "Fail", SHOWN_WITHIN)
         assert_state(server, sid, ids[2], "Fail")
 
-        # Someone saves the note between the button's read and its write: the dashboard's
-        # version rule refuses ours, with the dashboard's own words.
+        # Someone saves the note after the page read it and just before the button's save
+        # arrives: the dashboard's version rule refuses ours, with the dashboard's own words.
         open_trial(page, 3, ids[3])
         button = page.locator(".hitl-bar button[data-command=PRUNE]")
         button.wait_for()
 
         def concurrent_edit(route: Any) -> None:
-            response = route.fetch()
             assert server.put_note(sid, ids[3], 1, "someone else's words").status == 204
-            route.fulfill(response=response)
+            route.continue_()
 
-        page.route(f"**/hitl/api/studies/{sid}/{ids[3]}", concurrent_edit)
+        page.route(f"**/api/studies/{sid}/{ids[3]}/note", concurrent_edit)
         console.expect(f"status of 409 (Conflict) at {server.base}/api/studies/{sid}/{ids[3]}/note")
         button.click()
         toast = page.locator(".hitl-toast[data-action=failed]")

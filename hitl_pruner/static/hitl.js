@@ -452,9 +452,9 @@
 
   /* -- the buttons ------------------------------------------------------------------------ */
 
-  const getTrialInfo = (studyId, trialId, state, fresh) => {
+  const getTrialInfo = (studyId, trialId, state) => {
     const key = `${trialId}:${state}`;
-    if (fresh || !trialInfo.has(key)) {
+    if (!trialInfo.has(key)) {
       const promise = realFetch(`${PREFIX}/hitl/api/studies/${studyId}/${trialId}`, {
         headers: { Accept: "application/json" },
         cache: "no-store",
@@ -565,7 +565,10 @@
     const input = bar.querySelector("input.hitl-reason");
     const reason = input ? input.value.replace(/\s+/g, " ").trim() : "";
     try {
-      const info = await getTrialInfo(studyId, trialId, bar.dataset.state, true);
+      // The answer the bar was drawn from (asked again only if it was forgotten): the
+      // command's text is the server's, and the server decides again on the save itself.
+      // Asking afresh put a round trip between the click and the save.
+      const info = await getTrialInfo(studyId, trialId, bar.dataset.state);
       const cmd = info.commands[command];
       const saved = await saveInEditor(bar, trialId, (body) => withCommand(body, cmd.text, reason));
       if (saved.status === 204) {
@@ -597,7 +600,7 @@
     bar.dataset.key = key;
     bar.dataset.trial = String(trialId);
     bar.dataset.state = state;
-    getTrialInfo(studyId, trialId, state, false)
+    getTrialInfo(studyId, trialId, state)
       .then((info) => {
         if (bar.dataset.key !== key) {
           return;
