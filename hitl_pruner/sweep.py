@@ -39,8 +39,9 @@ WATCH_SLICE = 0.25
 # is then applied by its own request, which answers the human with what happened and takes it
 # off the queue; the sweep is for notes written any other way. The wait also lets the
 # dashboard's second write of a note (its text, after its version) land, and gathers a burst
-# of notes from a script into one batch. A script's note is still applied in about 0.3 s.
-WAKE_SETTLE = 0.25
+# of notes from a script into one batch. A script's note is still applied in about 0.3 s
+# (half of wake.POLL_EVERY, this, and the batch's own time).
+WAKE_SETTLE = 0.15
 
 
 @dataclasses.dataclass

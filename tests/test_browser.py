@@ -266,29 +266,30 @@ def note_click(page: Any) -> None:
     )
 
 
-def since_click(page: Any) -> dict[str, list[tuple[str, float, float]]]:
+def since_click(page: Any) -> tuple[list[tuple[str, float, float]], list[tuple[float, float]]]:
     """What the page did since ``note_click``, in seconds after the click on its own clock:
-    each request (path, start, end) and each long task ("", start, end), in order of start.
+    its requests (path, start, end) and its long tasks (start, end), each in order of start.
     A slow answer tells itself from a busy page (the dashboard's renders are long tasks)."""
-    return dict(page.evaluate(
+    requests, tasks = page.evaluate(
         """() => {
           const at = (ms) => (performance.timeOrigin + ms) / 1000 - window.hitlClickedAt;
-          const span = (name, e) => [name, at(e.startTime), at(e.startTime + e.duration)];
-          return {
-            requests: performance.getEntriesByType("resource")
-              .map((e) => span(e.name.replace(location.origin, ""), e)),
-            long_tasks: window.hitlLongTasks.map((e) => span("", e)),
-          };
+          return [
+            performance.getEntriesByType("resource").map(
+              (e) => [e.name.replace(location.origin, ""), at(e.startTime),
+                      at(e.startTime + e.duration)]),
+            window.hitlLongTasks.map((e) => [at(e.startTime), at(e.startTime + e.duration)]),
+          ];
         }"""
-    ))
+    )
+    return [tuple(r) for r in requests], [tuple(t) for t in tasks]
 
 
 def timeline(page: Any) -> str:
     """``since_click`` for a failure message."""
-    seen = since_click(page)
-    requests = [f"{path} {start:.3f}-{end:.3f}" for path, start, end in seen["requests"]]
-    tasks = [f"{start:.3f}-{end:.3f}" for _, start, end in seen["long_tasks"]]
-    return f"requests since the click: {requests}; long tasks of the page: {tasks}"
+    requests, tasks = since_click(page)
+    shown = [f"{path} {start:.3f}-{end:.3f}" for path, start, end in requests]
+    busy = [f"{start:.3f}-{end:.3f}" for start, end in tasks]
+    return f"requests since the click: {shown}; long tasks of the page: {busy}"
 
 
 def shown_within(page: Any, checks: list[tuple[str, str]], state: str, seconds: float) -> None:
@@ -339,7 +340,9 @@ def test_prune_a_running_trial_fail_a_complete_one_and_undo_it(
         shown_within(page, [(SHOWN_STATE, detail), (LISTED_STATE, "Trial 2")], "Pruned",
                      SHOWN_WITHIN)
         # The click's first request of its own is the note's save: nothing waits before it.
-        started = {path: start for path, start, _ in reversed(since_click(page)["requests"])}
+        started: dict[str, float] = {}
+        for path, start, _ in since_click(page)[0]:
+            started.setdefault(path, start)  # in order of start: each path's first request
         save, ask = f"/api/studies/{sid}/{ids[2]}/note", f"/hitl/api/studies/{sid}/{ids[2]}"
         assert save in started and started.get(ask, 1e9) > started[save], timeline(page)
         toast = page.locator(".hitl-toast[data-action=applied]").last
