@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 from pathlib import Path
 import signal
@@ -308,39 +309,7 @@ def hammer(port: int, raw: bytes, n: int, concurrency: int) -> tuple[float, list
 
     Every answer must be a 200; the connections are opened before the clock starts.
     """
-    conns = [Connection(port) for _ in range(concurrency)]
-    for conn in conns:
-        conn._connect()
-    shares = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
-    errors: list[BaseException] = []
-    times: list[float] = []
-    start_line = threading.Barrier(concurrency + 1)
-
-    def run(conn: Connection, count: int) -> None:
-        clock = time.perf_counter
-        try:
-            start_line.wait()
-            for _ in range(count):
-                sent = clock()
-                status, body = conn.request(raw)
-                times.append(clock() - sent)
-                if status != 200:
-                    raise RuntimeError(f"answered {status}: {body[:200]!r}")
-        except BaseException as exc:  # reported by the caller
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(c, k)) for c, k in zip(conns, shares)]
-    for thread in threads:
-        thread.start()
-    start_line.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    took = time.perf_counter() - started
-    for conn in conns:
-        conn.close()
-    if errors:
-        raise RuntimeError(f"{raw.split(b' HTTP')[0].decode()}: {errors[0]}")
+    [(_, took, times)] = _drive([(port, raw)], concurrency, n=n)
     return took, times
 
 
@@ -354,27 +323,40 @@ def hammer_together(targets: list[tuple[int, bytes]], seconds: float,
     burst, a frequency change) at the same moments, so their ratio keeps what differs between
     them and loses most of what happened to both. Every answer must be a 200.
     """
+    return _drive(targets, concurrency, seconds=seconds)
+
+
+def _drive(targets: list[tuple[int, bytes]], concurrency: int, *, n: int | None = None,
+           seconds: float | None = None) -> list[tuple[int, float, list[float]]]:
+    """Each (port, request) target over ``concurrency`` connections of its own, all starting
+    together: ``n`` requests per target, or as many as fit in ``seconds``. Per target, the
+    requests answered, the wall time to its last answer and each request's time."""
     conns = [[Connection(port) for _ in range(concurrency)] for port, _ in targets]
     for group in conns:
         for conn in group:
             conn._connect()
+    per_conn = [math.inf] * concurrency if n is None else [
+        n // concurrency + (i < n % concurrency) for i in range(concurrency)
+    ]
     errors: list[BaseException] = []
     times: list[list[float]] = [[] for _ in targets]
     walls: list[float] = [0.0 for _ in targets]
     start_line = threading.Barrier(len(targets) * concurrency + 1)
     started = 0.0
 
-    def run(k: int, conn: Connection, raw: bytes) -> None:
+    def run(k: int, conn: Connection, raw: bytes, count: float) -> None:
         clock = time.perf_counter
         try:
             start_line.wait()
-            end = started + seconds
-            while True:
+            end = math.inf if seconds is None else started + seconds
+            sent_count = 0
+            while sent_count < count:
                 sent = clock()
                 if sent >= end:
                     break
                 status, body = conn.request(raw)
                 done = clock()
+                sent_count += 1
                 times[k].append(done - sent)
                 walls[k] = max(walls[k], done - started)
                 if status != 200:
@@ -382,10 +364,12 @@ def hammer_together(targets: list[tuple[int, bytes]], seconds: float,
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(k, conn, raw))
-               for k, (_, raw) in enumerate(targets) for conn in conns[k]]
+    threads = [threading.Thread(target=run, args=(k, conn, raw, count))
+               for k, (_, raw) in enumerate(targets)
+               for conn, count in zip(conns[k], per_conn)]
     for thread in threads:
         thread.start()
+    # Set before the threads pass the start line, so each reads it after.
     started = time.perf_counter()
     start_line.wait()
     for thread in threads:
