@@ -43,7 +43,9 @@ passthrough
     CPU per request ratio, from the CPU clocks of the server's processes over each leg (target
     <= 1.03x). The median of the per-round ratios, and their min-max. The rounds are spread over
     --generations sets of freshly started servers: one process runs the same code a few % faster
-    or slower than another, for its whole life. --aa runs a second bare dashboard beside the
+    or slower than another, for its whole life (seen: two bare dashboards 1-1.5% apart through
+    eight rounds, under the same PYTHONHASHSEED), so only more sets of servers narrow the
+    median, not more rounds on the same ones. --aa runs a second bare dashboard beside the
     first, measured as ours is: its rows (A/A) are the bench's own bias and noise under the same
     conditions. The study detail (with and without ``after=``) reads the dashboard's trial
     cache, which reloads every trial on the first request after 10 s (its TTL for 500 trials or
@@ -491,17 +493,21 @@ def bench_passthrough(url: str, tmp: Path, args: argparse.Namespace) -> list[Pas
         rounds = _share(args.rounds, args.generations, generation)
         cache_rounds = _share(args.cache_rounds, args.generations, generation)
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(servers.running(
-                "wsgi:app", env, tmp / f"passthrough-ours-{generation}.log", cpus=server_cpus))
-            stack.enter_context(servers.pinned(client_cpus))
-            ours.wait_swept()  # installed, and the bootstrap queue drained
-            running = {"ours": ours}
             # --aa: a second bare dashboard beside the first, measured as ours is: its ratio
             # to the first is the bench's own bias and noise, under the same conditions.
-            for name in names[1:]:
+            # Ours starts first in one set and last in the next, so no server is always the
+            # eldest (the first set's installs the schema before the others open it).
+            order = names if generation % 2 == 0 else names[::-1]
+            running: dict[str, servers.Server] = {}
+            for name in order:
+                app, extra = ("wsgi:app", ()) if name == "ours" else (
+                    "_bench_bare:app", ("--pythonpath", "scripts"))
                 running[name] = stack.enter_context(servers.running(
-                    "_bench_bare:app", env, tmp / f"passthrough-{name}-{generation}.log",
-                    extra_args=("--pythonpath", "scripts"), cpus=server_cpus))
+                    app, env, tmp / f"passthrough-{name}-{generation}.log", extra_args=extra,
+                    cpus=server_cpus))
+            running = {name: running[name] for name in names}  # the tables' order
+            stack.enter_context(servers.pinned(client_cpus))
+            running["ours"].wait_swept()  # installed, and the bootstrap queue drained
             for path in endpoints:
                 progress(f"sqlite: pass-through {path} (servers {generation + 1} of "
                          f"{args.generations})")
@@ -711,7 +717,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "side-by-side legs; the study detail endpoints always are")
     parser.add_argument("--generations", type=int, default=None,
                         help="pass-through: sets of freshly started servers the rounds are "
-                        "spread over (default 3; 1 quick)")
+                        "spread over (default 6; 1 quick)")
     parser.add_argument("--aa", action="store_true",
                         help="pass-through: also run a second bare dashboard beside the first "
                         "(an A/A check: its rows, marked (A/A), show the bench's own bias and "
@@ -738,9 +744,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.trials = args.trials or (10_000 if quick else 100_000)
     args.idle_seconds = args.idle_seconds or (10.0 if quick else 20.0)
     args.rounds = args.rounds or (4 if quick else 24)
-    args.generations = args.generations or (1 if quick else 3)
     args.cache_leg = args.cache_leg or (4.5 if quick else 0.9 * CACHE_TTL)
     args.cache_rounds = args.cache_rounds or (3 if quick else 6)
+    args.generations = args.generations or (
+        1 if quick else min(6, args.rounds, args.cache_rounds))
     if not 1 <= args.generations <= min(args.rounds, args.cache_rounds):
         parser.error("--generations must be from 1 to the number of rounds")
     if args.cache_leg >= CACHE_TTL:
