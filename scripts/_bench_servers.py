@@ -349,14 +349,14 @@ def _drive(targets: list[tuple[int, bytes]], concurrency: int, *, n: int | None 
         try:
             start_line.wait()
             end = math.inf if seconds is None else started + seconds
-            sent_count = 0
-            while sent_count < count:
+            answered = 0
+            while answered < count:
                 sent = clock()
                 if sent >= end:
                     break
                 status, body = conn.request(raw)
                 done = clock()
-                sent_count += 1
+                answered += 1
                 times[k].append(done - sent)
                 walls[k] = max(walls[k], done - started)
                 if status != 200:
